@@ -1,0 +1,128 @@
+"""PolyCom settings: the dataclass and its command-line flags.
+
+This file is the only place where flag names and defaults are written. Everything
+else (spec builders, the launcher, the patches for Megatron-LM) reads them from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+ACTIVATIONS = ("polynorm", "polyrelu")
+# Which implementation computes the op: "auto" picks the fused Triton kernels on CUDA
+# and the plain PyTorch reference elsewhere; the other values force one.
+KERNELS = ("auto", "torch", "compile", "triton")
+# "layer": one set of coefficients per MoE layer, shared by its experts (the paper's
+# setting). "expert": one set per expert, living with that expert under expert parallelism.
+COEFF_MODES = ("layer", "expert")
+
+# The paper's matched-parameter rule: a SwiGLU FFN of width f has 3*h*f weights, a
+# non-gated FFN of width w has 2*h*w, so the same budget gives w = 1.5 f.
+SWIGLU_TO_POLYCOM_WIDTH = 1.5
+
+
+@dataclass(frozen=True)
+class PolyComConfig:
+    """What a PolyCom activation computes and how.
+
+    activation: "polynorm" or "polyrelu".
+    order: r, the highest power (the paper uses 3).
+    eps: added to the mean of squares inside PolyNorm's normalisation.
+    kernel: implementation choice, see ``KERNELS``.
+    coeff_mode: MoE only, see ``COEFF_MODES``.
+    """
+
+    activation: str = "polynorm"
+    order: int = 3
+    eps: float = 1e-6
+    kernel: str = "auto"
+    coeff_mode: str = "layer"
+
+    def __post_init__(self):
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("coeff_mode", self.coeff_mode, COEFF_MODES)
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
+            raise ValueError(
+                f"PolyCom order must be an integer >= 1, got {self.order!r}; "
+                "set --polycom-order to 1 or more (the paper uses 3)."
+            )
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(
+                f"PolyCom eps must be a positive finite number, got {self.eps!r}; "
+                "set --polycom-eps (the paper uses 1e-6)."
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Optional["PolyComConfig"]:
+        """The config named by parsed ``--polycom-*`` flags, or None when PolyCom is off."""
+        if getattr(args, "polycom_activation", None) in (None, "none"):
+            return None
+        return cls(
+            activation=args.polycom_activation,
+            order=args.polycom_order,
+            eps=args.polycom_eps,
+            kernel=args.polycom_kernel,
+            coeff_mode=args.polycom_coeff_mode,
+        )
+
+    def replace(self, **changes) -> "PolyComConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        flag = "--polycom-" + name.replace("_", "-")
+        raise ValueError(
+            f"Unknown PolyCom {name} {value!r}; set {flag} to one of {', '.join(choices)}."
+        )
+
+
+def matched_ffn_hidden_size(swiglu_ffn_hidden_size: int, multiple_of: int = 1) -> int:
+    """PolyCom FFN width with the parameter count of a SwiGLU FFN of the given width.
+
+    ``multiple_of`` rounds up, e.g. to the tensor-parallel size times 8 for tidy GEMMs.
+    """
+    if swiglu_ffn_hidden_size < 1 or multiple_of < 1:
+        raise ValueError("ffn hidden size and multiple_of must be positive integers")
+    width = math.ceil(swiglu_ffn_hidden_size * SWIGLU_TO_POLYCOM_WIDTH)
+    return -(-width // multiple_of) * multiple_of
+
+
+def add_polycom_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--polycom-*`` flags to a Megatron-style argument parser.
+
+    Usable as Megatron's ``extra_args_provider``: it returns the parser.
+    """
+    defaults = PolyComConfig()
+    group = parser.add_argument_group(title="PolyCom activations")
+    group.add_argument(
+        "--polycom-activation",
+        choices=("none",) + ACTIVATIONS,
+        default="none",
+        help="Replace the MLP activation with PolyNorm or PolyReLU ('none' keeps Megatron's). "
+        "Turn off --swiglu and use a 1.5x --ffn-hidden-size for matched parameters.",
+    )
+    group.add_argument(
+        "--polycom-order", type=int, default=defaults.order, help="Highest power r."
+    )
+    group.add_argument(
+        "--polycom-eps", type=float, default=defaults.eps, help="PolyNorm's epsilon."
+    )
+    group.add_argument(
+        "--polycom-kernel",
+        choices=KERNELS,
+        default=defaults.kernel,
+        help="auto: Triton kernels on CUDA, PyTorch elsewhere; or force one.",
+    )
+    group.add_argument(
+        "--polycom-coeff-mode",
+        choices=COEFF_MODES,
+        default=defaults.coeff_mode,
+        help="MoE: one coefficient set per layer (shared by experts) or one per expert.",
+    )
+    return parser

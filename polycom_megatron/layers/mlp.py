@@ -1,0 +1,90 @@
+"""Megatron's MLP with a PolyCom activation between fc1 and fc2.
+
+Subclassing Megatron's ``MLP`` keeps its linear layers, tensor/sequence parallelism,
+Transformer Engine linears and checkpoint layout; only the activation changes. We do
+not go through Megatron's ``use_te_activation_func`` hook: it insists that
+``config.activation_func`` be one of its built-ins and builds the activation with the
+config alone, while ours needs its settings and the tensor-parallel group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from polycom_megatron import compat
+
+
+def check_transformer_config(config: TransformerConfig) -> None:
+    """Refuse Megatron settings that cannot mean anything with a PolyCom activation."""
+    if config.gated_linear_unit:
+        raise ValueError(
+            "PolyCom replaces the gated linear unit: turn off --swiglu "
+            "(TransformerConfig.gated_linear_unit=False) and widen --ffn-hidden-size 1.5x "
+            "for matched parameters (polycom_megatron.matched_ffn_hidden_size)."
+        )
+    if config.bias_activation_fusion:
+        raise ValueError(
+            "Bias-activation fusion only fuses Megatron's built-in activations: pass "
+            "--no-bias-gelu-fusion / --no-bias-swiglu-fusion "
+            "(TransformerConfig.bias_activation_fusion=False)."
+        )
+    if config.activation_func_fp8_input_store:
+        raise ValueError(
+            "--activation-func-fp8-input-store stores SwiGLU's input in FP8 and does not "
+            "apply to PolyCom: drop the flag (activation_func_fp8_input_store=False)."
+        )
+    if getattr(config, "use_te_activation_func", False):
+        raise ValueError(
+            "--use-te-activation-func selects Transformer Engine's built-in activation; "
+            "PolyCom brings its own: drop the flag (use_te_activation_func=False)."
+        )
+
+
+class _QuietUnknownMLP(logging.Filter):
+    """TransformerLayer hands its TP group only to the exact ``MLP`` class and logs
+    "Unknown MLP type" for subclasses. PolyComMLP then takes the TP group from
+    parallel_state, which is the same group unless a custom pg_collection is used."""
+
+    def filter(self, record):
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietUnknownMLP())
+
+
+class PolyComMLP(MLP):
+    """fc1 -> PolyCom activation -> fc2, with the activation built from
+    ``submodules.activation_func`` (a spec of ``PolyComActivation``)."""
+
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, *args, **kwargs):
+        check_transformer_config(config)
+        if submodules.activation_func is None:
+            raise ValueError(
+                "PolyComMLP needs submodules.activation_func (a PolyComActivation spec); "
+                "build the spec with polycom_megatron.with_polycom"
+            )
+        plain = dataclasses.replace(submodules, activation_func=None)
+        super().__init__(config, plain, *args, **kwargs)
+        self.activation_func = build_module(
+            submodules.activation_func, config=config, tp_group=compat.mlp_tp_group(self)
+        )
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        intermediate, fc1_bias = self.linear_fc1(hidden_states)
+        if fc1_bias is not None:
+            intermediate = intermediate + fc1_bias
+        intermediate = self.activation_func(intermediate)
+        if per_token_scale is not None:
+            intermediate = (intermediate * per_token_scale.unsqueeze(-1)).to(intermediate.dtype)
+
+        output, output_bias = self.linear_fc2(intermediate)
+        if per_token_scale is not None and output_bias is not None:
+            # An expert's bias is scaled by its routing probability like its output.
+            output = output + output_bias.unsqueeze(0) * per_token_scale.unsqueeze(-1)
+            output_bias = None
+        return output, output_bias

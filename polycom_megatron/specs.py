@@ -1,0 +1,141 @@
+"""Spec builders: Megatron GPT layer and block specs whose MLPs use PolyCom.
+
+The central piece is ``with_polycom(spec, polycom)``: it takes any GPT layer or block spec
+that Megatron built (local or Transformer Engine backend, dense or MoE) and returns a copy
+in which each MLP's activation is PolyCom. Everything else in the spec (attention,
+norms, linears, TE fusions) is left as the user chose it, so switching a run to PolyCom
+changes nothing but the activation.
+
+``get_gpt_layer_spec`` and ``get_gpt_block_spec`` are the two builders most users need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from polycom_megatron.config import PolyComConfig
+from polycom_megatron.layers.activation import PolyComActivation
+from polycom_megatron.layers.experts import polycom_moe_spec
+from polycom_megatron.layers.mlp import PolyComMLP
+from polycom_megatron.layers.norm import LocalNorm
+
+
+def polycom_mlp_spec(mlp_spec: ModuleSpec, polycom: PolyComConfig) -> ModuleSpec:
+    """A dense ``MLP`` spec -> the same linears around a PolyCom activation."""
+    return ModuleSpec(
+        module=PolyComMLP,
+        params=dict(mlp_spec.params or {}),
+        submodules=dataclasses.replace(
+            mlp_spec.submodules,
+            activation_func=ModuleSpec(module=PolyComActivation, params={"polycom": polycom}),
+        ),
+    )
+
+
+def with_polycom(spec, polycom: PolyComConfig):
+    """Copy of a GPT layer/block spec with every MLP (dense, expert, shared expert) on PolyCom."""
+    def rewrite(node):
+        if not isinstance(node, ModuleSpec):
+            return None
+        if node.module is MLP:
+            return polycom_mlp_spec(node, polycom)
+        if node.module is MoELayer:
+            return polycom_moe_spec(node, polycom)
+        if getattr(node.module, "__name__", "") == "TEFusedMLP":
+            raise ValueError(
+                "The Transformer Engine op-fuser MLP (--use-te-op-fuser) fuses only "
+                "GELU/SiLU/ReLU; drop that flag to use PolyCom."
+            )
+        return None
+
+    return _rewrite_spec(spec, rewrite)
+
+
+def with_local_norms(spec):
+    """Swap Megatron's TE-less fallback norm for ``LocalNorm``, which supports sequence
+    parallelism. Only matters without Transformer Engine and apex (e.g. on CPU)."""
+
+    def rewrite(node):
+        return LocalNorm if node is WrappedTorchNorm else None
+
+    return _rewrite_spec(spec, rewrite)
+
+
+def get_gpt_layer_spec(
+    polycom: PolyComConfig,
+    use_te: bool = True,
+    normalization: str = "RMSNorm",
+    qk_layernorm: bool = False,
+    num_experts: Optional[int] = None,
+    moe_grouped_gemm: bool = False,
+) -> ModuleSpec:
+    """One GPT decoder layer with a PolyCom MLP (or PolyCom experts if ``num_experts``)."""
+    if use_te:
+        base = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=qk_layernorm
+        )
+    else:
+        base = with_local_norms(
+            gpt_layer_specs.get_gpt_layer_local_spec(
+                num_experts=num_experts,
+                moe_grouped_gemm=moe_grouped_gemm,
+                qk_layernorm=qk_layernorm,
+                normalization=normalization,
+            )
+        )
+    return with_polycom(base, polycom)
+
+
+def get_gpt_block_spec(
+    config: TransformerConfig,
+    polycom: PolyComConfig,
+    use_te: bool = True,
+    normalization: Optional[str] = None,
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+):
+    """The decoder block of ``config`` (dense, MoE, mixed per ``moe_layer_freq``) on PolyCom.
+
+    Layers are sliced for the pipeline stage as Megatron does (``vp_stage``/``pp_rank``).
+    """
+    base = gpt_layer_specs.get_gpt_decoder_block_spec(
+        config,
+        use_transformer_engine=use_te,
+        normalization=normalization or config.normalization,
+        vp_stage=vp_stage,
+        pp_rank=pp_rank,
+    )
+    if not use_te:
+        base = with_local_norms(base)
+    return with_polycom(base, polycom)
+
+
+def _rewrite_spec(node, rewrite: Callable):
+    """Rebuild a spec tree, replacing each node for which ``rewrite`` returns non-None.
+
+    Specs are shared module-level objects in Megatron, so nothing is mutated.
+    """
+    replaced = rewrite(node)
+    if replaced is not None:
+        return replaced
+    if isinstance(node, (list, tuple)):
+        return type(node)(_rewrite_spec(item, rewrite) for item in node)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changes = {}
+        for field in dataclasses.fields(node):
+            if not field.init:
+                continue
+            value = getattr(node, field.name)
+            new_value = _rewrite_spec(value, rewrite)
+            if new_value is not value:
+                changes[field.name] = new_value
+        return dataclasses.replace(node, **changes) if changes else node
+    return node

@@ -1,0 +1,1 @@
+"""Training-side helpers: data preparation for Megatron-Core pretraining runs."""
