@@ -33,16 +33,16 @@ def _worker(rank, fn, world_size, port, out_path, args):
     torch.set_num_threads(1)
     from polycom_megatron import cpu
 
-    cpu.init_process_group(timeout_s=120)
-    try:
-        result = fn(rank, world_size, *args)
-        if rank == 0:
-            torch.save(result, out_path)
-    finally:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        dist.barrier()
-        dist.destroy_process_group()
+    cpu.init_process_group(timeout_s=120)
+    # On failure the exception propagates at once (a barrier would hide it behind a
+    # timeout on the other ranks); spawn then terminates the rest.
+    result = fn(rank, world_size, *args)
+    if rank == 0:
+        torch.save(result, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0):

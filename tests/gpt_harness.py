@@ -32,7 +32,7 @@ class Layout:
         return f"tp{self.tp}{'-sp' if self.sp else ''}-ep{self.ep}-etp{self.etp or self.tp}"
 
 
-def init_parallel(layout: Layout) -> None:
+def init_parallel(layout: Layout, seed: int = SEED) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -43,7 +43,7 @@ def init_parallel(layout: Layout) -> None:
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
     )
-    model_parallel_cuda_manual_seed(SEED)
+    model_parallel_cuda_manual_seed(seed)
 
 
 def transformer_config(layout: Layout, **overrides):
@@ -80,16 +80,16 @@ def batch(seed: int = SEED):
     return tokens[:, :-1], position_ids, mask, tokens[:, 1:]
 
 
-def build(layout: Layout, polycom, **config_overrides):
+def build(layout: Layout, polycom, seed: int = SEED, **config_overrides):
     """Model wrapped in Megatron DDP plus its Megatron optimizer."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from polycom_megatron.model import build_gpt_model
 
-    init_parallel(layout)
+    init_parallel(layout, seed)
     config = transformer_config(layout, **config_overrides)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = build_gpt_model(config, polycom, vocab_size=VOCAB, max_sequence_length=SEQ)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
@@ -164,4 +164,6 @@ def assert_same(a: dict, b: dict, rtol=1e-4, atol=1e-5, label=""):
     """Every tensor of ``a`` equals ``b``'s, same names, to fp32 tolerance."""
     assert a.keys() == b.keys(), f"{label}: parameter names differ: {a.keys() ^ b.keys()}"
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=f"{label} {name}")
+        torch.testing.assert_close(
+            a[name], b[name], rtol=rtol, atol=atol, msg=lambda m: f"{label} {name}: {m}"
+        )

@@ -1,0 +1,77 @@
+"""PolyComMLP and PolyComActivation inside real megatron-core modules (one CPU rank)."""
+
+import pytest
+import torch
+
+import gpt_harness as h
+from distributed import run_distributed
+
+
+def _build_and_inspect(rank, world_size):
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+
+    from polycom_megatron.config import PolyComConfig
+
+    config, ddp, _ = h.build(h.Layout(), PolyComConfig(order=3))
+    acts = [layer.mlp.activation_func for layer in ddp.module.decoder.layers]
+    named = dict(ddp.module.named_parameters())
+    groups = _get_param_groups([ddp.module], OptimizerConfig(weight_decay=0.1), None)
+    no_decay = {id(p) for g in groups if g["wd_mult"] == 0.0 for p in g["params"]}
+    coeff_names = [n for n in named if "activation_func" in n]
+    return dict(
+        distinct=len({id(a.weight) for a in acts}) == len(acts),
+        init=[(a.weight.tolist(), a.bias.tolist()) for a in acts],
+        attrs={n: (getattr(named[n], "tensor_model_parallel", False),
+                   getattr(named[n], "sequence_parallel", False)) for n in coeff_names},
+        no_decay={n: id(named[n]) in no_decay for n in coeff_names},
+        fc1_decays=id(named["decoder.layers.0.mlp.linear_fc1.weight"]) not in no_decay,
+    )
+
+
+def test_coefficients_per_layer_initialised_and_marked():
+    info = run_distributed(_build_and_inspect, 1, timeout_s=120)
+    assert info["distinct"], "each layer must own its coefficients"
+    for weight, bias in info["init"]:
+        assert weight == pytest.approx([1 / 3] * 3) and bias == [0.0]
+    # Full gradients come out of the op on every TP rank: Megatron must neither sum them
+    # again (sequence_parallel) nor count them per rank in the grad norm (tensor_model_parallel).
+    assert info["attrs"] and all(a == (False, False) for a in info["attrs"].values())
+    assert all(info["no_decay"].values()), "coefficients are excluded from weight decay"
+    assert info["fc1_decays"]
+
+
+def _build_with(rank, world_size, overrides):
+    from polycom_megatron.config import PolyComConfig
+
+    try:
+        h.build(h.Layout(), PolyComConfig(), **overrides)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize(
+    "overrides,flag",
+    [
+        (dict(gated_linear_unit=True), "--swiglu"),
+        (dict(bias_activation_fusion=True, add_bias_linear=True,
+              activation_func=torch.nn.functional.gelu), "--no-bias-gelu-fusion"),
+        (dict(activation_func_fp8_input_store=True, gated_linear_unit=True,
+              activation_func=torch.nn.functional.silu), "--swiglu"),
+        (dict(use_te_activation_func=True), "--use-te-activation-func"),
+    ],
+)
+def test_incompatible_megatron_settings_are_refused(overrides, flag):
+    message = run_distributed(_build_with, 1, overrides, timeout_s=120)
+    assert message is not None and flag in message
+
+
+def test_fp8_input_store_is_refused():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from polycom_megatron.layers.mlp import check_transformer_config
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
+    config.activation_func_fp8_input_store = True  # Megatron allows it only with SwiGLU
+    with pytest.raises(ValueError, match="--activation-func-fp8-input-store"):
+        check_transformer_config(config)
