@@ -14,12 +14,12 @@ from distributed import run_distributed
 LAYOUTS = [h.Layout(tp=2), h.Layout(tp=2, sp=True), h.Layout(tp=4), h.Layout(tp=4, sp=True)]
 
 
-def _all_layouts(rank, world_size, activation, config_overrides):
+def _all_layouts(rank, world_size, activation, config_overrides, layouts=tuple(LAYOUTS)):
     from polycom_megatron.config import PolyComConfig
 
     polycom = PolyComConfig(activation=activation)
     results = {}
-    for layout in [h.Layout(tp=1)] + LAYOUTS:
+    for layout in (h.Layout(tp=1),) + tuple(layouts):
         results[str(layout)] = h.run_layout(layout, polycom, steps=2, **config_overrides)
     return results
 
@@ -43,6 +43,14 @@ def test_same_model_at_every_tp_size(activation):
     _check(run_distributed(_all_layouts, 4, activation, {}, timeout_s=600))
 
 
-def test_same_model_with_activation_recompute():
-    overrides = dict(recompute_granularity="selective", recompute_modules=["mlp"])
-    _check(run_distributed(_all_layouts, 4, "polynorm", overrides, timeout_s=600))
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        dict(recompute_granularity="selective", recompute_modules=["mlp"]),
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    ],
+    ids=["selective-mlp", "full"],
+)
+def test_same_model_with_activation_recompute(recompute):
+    layouts = (h.Layout(tp=2, sp=True),)
+    _check(run_distributed(_all_layouts, 2, "polynorm", recompute, layouts, timeout_s=600))

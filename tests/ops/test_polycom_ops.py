@@ -75,13 +75,15 @@ def test_per_expert_sets_equal_each_expert_alone(op, reference):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("op,reference", OPS)
 def test_low_precision_input_computes_in_fp32(op, reference, dtype):
-    x = torch.randn(16, 256).to(dtype)
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
     weight, bias = _coeffs(3)
     got = op(x, weight, bias)
     assert got.dtype == dtype
-    # The op rounds once, at the end: it equals the fp32 result of the same input, rounded.
-    want = reference(x.float(), weight, bias).to(dtype)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Computed in fp32 and rounded once at the end: within one output ulp of the fp32 result
+    # (summation order differs between kernels, so a tie may round either way).
+    want = reference(x.float(), weight, bias)
+    ulp = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((got.float() - want).abs() <= ulp).all()
 
 
 def test_weight_layout_is_highest_power_first():

@@ -1,0 +1,389 @@
+"""Kernel benchmark: PolyNorm / PolyReLU forward, backward and forward+backward.
+
+    python -m polycom_megatron.bench.kernels [--rows 2048,8192,16384]
+        [--cols 1536,5504,8192,8256,16384,32768] [--dtype bf16] [--order 3]
+        [--ops polynorm,polyrelu] [--impls naive,torch,compile,triton,liger]
+        [--reps 100] [--warmup 10] [--json out.json]
+
+Implementations:
+
+- naive:   the formula (``polynorm_reference`` / ``polyrelu_reference``) under autograd;
+- torch:   our autograd Function with the PyTorch kernel set;
+- compile: ``torch.compile`` of the reference formula;
+- triton:  our autograd Function with the Triton kernel set;
+- liger:   Liger-Kernel's PolyNorm (order 3 only; no PolyReLU there), when importable.
+
+Every shape first times a device-to-device copy of the same tensor; each timing is then
+reported as achieved bandwidth over the minimum bytes the pass must move (forward: read
+x, write y; backward: read x and dy, write dx; forward+backward: both) and as a fraction
+of that copy bandwidth, plus the speedup over Liger where Liger ran. Each entry also
+records the largest error of its output and input gradient against ``naive``.
+
+On CUDA the times are medians of CUDA-event timings (after warmup, with L2 flushed before
+every repetition). On CPU it falls back to wall-clock with small shapes and few reps, which
+only checks that everything runs (Triton needs TRITON_INTERPRET=1 there, set here when
+Triton is not imported yet). Launch tunables of the Triton kernels can be swept with the
+POLYCOM_TRITON_* environment variables (see ``polycom_megatron.ops.polynorm_triton``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+OPS = ("polynorm", "polyrelu")
+IMPLS = ("naive", "torch", "compile", "triton", "liger")
+PASSES = ("fwd", "bwd", "fwdbwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_ROWS = (2048, 8192, 16384)
+DEFAULT_COLS = (1536, 5504, 8192, 8256, 16384, 32768)
+CPU_ROWS, CPU_COLS = (64,), (256,)
+EPS = 1e-6
+L2_FLUSH_BYTES = 256 << 20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m polycom_megatron.bench.kernels",
+        description="Time PolyNorm/PolyReLU kernels against a device copy and Liger-Kernel.",
+    )
+    p.add_argument("--rows", help=f"comma list (default {','.join(map(str, DEFAULT_ROWS))}; "
+                   f"{CPU_ROWS[0]} on CPU)")
+    p.add_argument("--cols", help=f"comma list (default {','.join(map(str, DEFAULT_COLS))}; "
+                   f"{CPU_COLS[0]} on CPU)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--order", type=int, default=3, help="r, the highest power (default 3)")
+    p.add_argument("--ops", default=",".join(OPS), help="comma list of " + ", ".join(OPS))
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ", ".join(IMPLS))
+    p.add_argument("--reps", type=int, help="timed repetitions (default 100 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed repetitions (default 10 CUDA, 1 CPU)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-flush", action="store_true", help="do not flush L2 between reps")
+    p.add_argument("--json", help="write all results and the environment here")
+    return p.parse_args(argv)
+
+
+def _csv(text: str, allowed, what: str):
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise SystemExit(
+            f"--{what}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}"
+        )
+    return items
+
+
+def _ints(text: Optional[str], default) -> tuple:
+    return default if text is None else tuple(int(v) for v in text.split(",") if v.strip())
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Median time of a callable in ms: CUDA events on CUDA, wall-clock elsewhere."""
+
+    def __init__(self, device: torch.device, reps: int, warmup: int, flush: bool):
+        self.device, self.reps, self.warmup = device, reps, warmup
+        self.cuda = device.type == "cuda"
+        self.flush_buf = (
+            torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+            if self.cuda and flush else None
+        )
+
+    @property
+    def method(self) -> str:
+        return "cuda_events" if self.cuda else "wall_clock"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        if not self.cuda:
+            times = []
+            for _ in range(self.reps):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+        events = []
+        for _ in range(self.reps):
+            if self.flush_buf is not None:
+                self.flush_buf.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(self.device)
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+# --------------------------------------------------------------------------- implementations
+
+
+def _prepare_triton(device: torch.device) -> Optional[str]:
+    """None if the Triton kernels can run here, else why not."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+    except Exception as e:  # pragma: no cover
+        return f"triton lookup failed: {e}"
+    if device.type != "cuda":
+        if "polycom_megatron.ops.polynorm_triton" not in sys.modules:
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        from polycom_megatron.ops import polynorm_triton
+
+        if not polynorm_triton.interpreted():
+            return "CPU run but the Triton kernels were defined without TRITON_INTERPRET=1"
+    return None
+
+
+def _liger_polynorm(order: int, device: torch.device):
+    """(fn(x, weight, bias), None) or (None, why Liger cannot run)."""
+    if order != 3:
+        return None, "Liger's PolyNorm is order 3 only"
+    if device.type != "cuda":
+        return None, "Liger-Kernel needs CUDA"
+    try:
+        from liger_kernel.ops.poly_norm import LigerPolyNormFunction
+    except Exception as e:
+        return None, f"liger_kernel.ops.poly_norm not importable ({type(e).__name__}: {e})"
+    import inspect
+
+    try:
+        n_args = len(inspect.signature(LigerPolyNormFunction.forward).parameters) - 1  # ctx
+    except (TypeError, ValueError):
+        n_args = 4
+
+    def fn(x, weight, bias):
+        b = bias.reshape(())
+        if n_args >= 5:  # (X, W, B, eps, in_place)
+            return LigerPolyNormFunction.apply(x, weight, b, EPS, False)
+        return LigerPolyNormFunction.apply(x, weight, b, EPS)
+
+    return fn, None
+
+
+def implementations(op: str, impls, order: int, device: torch.device):
+    """{impl: fn(x, weight, bias)} and {impl: reason} for those that cannot run."""
+    from polycom_megatron.ops import polynorm, polynorm_reference, polyrelu, polyrelu_reference
+
+    fns: Dict[str, Callable] = {}
+    skipped: Dict[str, str] = {}
+    ref = polynorm_reference if op == "polynorm" else polyrelu_reference
+    for impl in impls:
+        if impl == "naive":
+            fns[impl] = (lambda x, w, b: ref(x, w, b, EPS)) if op == "polynorm" else ref
+        elif impl in ("torch", "triton"):
+            if impl == "triton":
+                why = _prepare_triton(device)
+                if why:
+                    skipped[impl] = why
+                    continue
+            if op == "polynorm":
+                fns[impl] = lambda x, w, b, k=impl: polynorm(x, w, b, EPS, kernel=k)
+            else:
+                fns[impl] = lambda x, w, b, k=impl: polyrelu(x, w, b, kernel=k)
+        elif impl == "compile":
+            fns[impl] = "compile"  # built per shape, after torch._dynamo.reset()
+        elif impl == "liger":
+            if op != "polynorm":
+                skipped[impl] = "Liger-Kernel has no PolyReLU"
+                continue
+            fn, why = _liger_polynorm(order, device)
+            if fn is None:
+                skipped[impl] = why
+            else:
+                fns[impl] = fn
+    return fns, skipped
+
+
+def _compiled(op: str):
+    from polycom_megatron.ops import polynorm_reference, polyrelu_reference
+
+    torch._dynamo.reset()  # one graph per shape; no recompile limit across shapes
+    if op == "polynorm":
+        compiled = torch.compile(polynorm_reference)
+        return lambda x, w, b: compiled(x, w, b, EPS)
+    return torch.compile(polyrelu_reference)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def measure_shape(op, rows, cols, dtype, order, fns, timer, device, results, skipped, log):
+    elem = torch.empty((), dtype=dtype).element_size()
+    numel = rows * cols
+    gen = torch.Generator(device="cpu").manual_seed(rows * 7 + cols)
+    x0 = torch.randn(rows, cols, generator=gen).to(device, dtype)
+    dy = torch.randn(rows, cols, generator=gen).to(device, dtype)
+    weight = (torch.rand(order, generator=gen) * 0.5 + 0.25).to(device).requires_grad_()
+    bias = torch.zeros(1).to(device).requires_grad_()
+    x = x0.clone().requires_grad_()
+
+    dst = torch.empty_like(x0)
+    copy_ms = timer(lambda: dst.copy_(x0))
+    copy_gbps = 2 * numel * elem / copy_ms / 1e6
+    del dst
+    log(f"\n{op} {rows}x{cols} {str(dtype).replace('torch.', '')}: copy {copy_ms:.4f} ms "
+        f"= {copy_gbps:.0f} GB/s")
+    copy_entry = dict(op=op, rows=rows, cols=cols, ms=copy_ms, bytes=2 * numel * elem,
+                      gbps=copy_gbps)
+
+    bytes_moved = {"fwd": 2 * numel * elem, "bwd": 3 * numel * elem, "fwdbwd": 5 * numel * elem}
+    inputs = (x, weight, bias)
+    reference = None
+    shape_results = []
+    for impl, fn in fns.items():
+        try:
+            if fn == "compile":
+                fn = _compiled(op)
+            y = fn(*inputs)
+            grads = torch.autograd.grad(y, inputs, dy, retain_graph=True)
+            if reference is None and impl == "naive":
+                reference = (y.detach(), grads[0])
+            errs = (
+                dict(y=_rel_err(y, reference[0]), dx=_rel_err(grads[0], reference[1]))
+                if reference is not None else None
+            )
+            times = {
+                "fwd": timer(lambda: fn(*inputs)),
+                "bwd": timer(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)),
+                "fwdbwd": timer(lambda: torch.autograd.grad(fn(*inputs), inputs, dy)),
+            }
+            del y, grads
+        except Exception as e:  # OOM, a compile failure, an unsupported shape...
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            skipped.append(dict(op=op, impl=impl, rows=rows, cols=cols, reason=reason))
+            log(f"  {impl:8s} skipped: {reason}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        for name in PASSES:
+            ms = times[name]
+            gbps = bytes_moved[name] / ms / 1e6
+            shape_results.append(dict(
+                op=op, impl=impl, rows=rows, cols=cols, dtype=str(dtype).replace("torch.", ""),
+                order=order, **{"pass": name}, ms=ms, bytes=bytes_moved[name], gbps=gbps,
+                frac_of_copy=gbps / copy_gbps, max_rel_err_vs_naive=errs,
+            ))
+    liger = {r["pass"]: r["ms"] for r in shape_results if r["impl"] == "liger"}
+    for r in shape_results:
+        r["speedup_vs_liger"] = liger[r["pass"]] / r["ms"] if r["pass"] in liger else None
+        vs = f"  {r['speedup_vs_liger']:.2f}x vs liger" if r["speedup_vs_liger"] else ""
+        err = r["max_rel_err_vs_naive"]
+        err_s = f"  err y {err['y']:.1e} dx {err['dx']:.1e}" if err and r["pass"] == "fwd" else ""
+        log(f"  {r['impl']:8s} {r['pass']:7s} {r['ms']:9.4f} ms  {r['gbps']:8.1f} GB/s  "
+            f"{r['frac_of_copy']:6.3f} of copy{vs}{err_s}")
+    results.extend(shape_results)
+    return copy_entry
+
+
+def _environment(device: torch.device) -> dict:
+    try:
+        from polycom_megatron.bench.report import environment
+
+        env = environment(device)
+    except Exception:
+        env = dict(device=str(device), torch=torch.__version__)
+        if device.type == "cuda":
+            env["device_name"] = torch.cuda.get_device_name(device)
+        try:
+            root = Path(__file__).resolve().parents[2]
+            env["git_commit"] = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip() or None
+        except Exception:
+            env["git_commit"] = None
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    try:
+        from importlib.metadata import version
+
+        env["liger_kernel"] = version("liger-kernel")
+    except Exception:
+        env["liger_kernel"] = None
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
+    env["polycom_triton_env"] = {
+        k: v for k, v in os.environ.items() if k.startswith("POLYCOM_TRITON")
+    }
+    return env
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    ops = _csv(args.ops, OPS, "ops")
+    impls = _csv(args.impls, IMPLS, "impls")
+    rows_list = _ints(args.rows, DEFAULT_ROWS if cuda else CPU_ROWS)
+    cols_list = _ints(args.cols, DEFAULT_COLS if cuda else CPU_COLS)
+    dtype = DTYPES[args.dtype]
+    reps = args.reps if args.reps is not None else (100 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    timer = Timer(device, reps, warmup, flush=not args.no_flush)
+    command = ["python", "-m", "polycom_megatron.bench.kernels",
+               *(sys.argv[1:] if argv is None else argv)]
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    env = _environment(device)
+    log(f"device {env.get('device_name', device)}  torch {torch.__version__}  "
+        f"triton {env.get('triton')}  liger {env.get('liger_kernel')}  timer {timer.method}")
+    results, skipped, copies = [], [], []
+    for op in ops:
+        fns, why = implementations(op, impls, args.order, device)
+        for impl, reason in why.items():
+            skipped.append(dict(op=op, impl=impl, rows=None, cols=None, reason=reason))
+            log(f"{op}: {impl} skipped: {reason}")
+        for rows in rows_list:
+            for cols in cols_list:
+                copies.append(measure_shape(
+                    op, rows, cols, dtype, args.order, fns, timer, device, results, skipped, log
+                ))
+    payload = dict(
+        meta=dict(
+            command=" ".join(command), argv=list(command), timer=timer.method, reps=reps,
+            warmup=warmup, l2_flush=timer.flush_buf is not None, dtype=args.dtype,
+            order=args.order, ops=list(ops), impls=list(impls), rows=list(rows_list),
+            cols=list(cols_list), eps=EPS,
+            bytes_convention="fwd: read x + write y; bwd: read x, dy + write dx; "
+            "fwdbwd: both; copy: read + write of one tensor",
+            **env,
+        ),
+        copy=copies,
+        results=results,
+        skipped=skipped,
+    )
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+        log(f"\nwrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

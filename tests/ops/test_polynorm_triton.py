@@ -1,0 +1,287 @@
+"""Triton PolyNorm kernels against the PyTorch kernel set and the reference formula.
+
+On a machine without CUDA they run under Triton's interpreter (TRITON_INTERPRET=1, set
+below and in conftest.py before the kernels are defined), so shapes stay small. Three
+launch configurations are covered: the defaults (whole rows in registers, two passes
+for a row wider than one block), tiny blocks (every width > 32 takes the two-pass and
+multi-block paths) and tiny blocks with rows split over several programs (the 2-D grid
+whose partial sums are added afterwards).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from polycom_megatron.ops import polynorm_triton as pt  # noqa: E402
+from polycom_megatron.ops.common import coeff_table, row_sets  # noqa: E402
+from polycom_megatron.ops.polynorm import (  # noqa: E402
+    PolyNormFunction,
+    TorchPolyNormKernels,
+    polynorm,
+    polynorm_reference,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+K, T = pt.TritonPolyNormKernels, TorchPolyNormKernels
+EPS = 1e-6
+
+if DEVICE.type == "cpu" and not pt.interpreted():
+    pytest.skip(
+        "Triton kernels were defined before TRITON_INTERPRET=1 was set", allow_module_level=True
+    )
+
+# Output tolerance (relative to the largest reference value) per I/O dtype.
+OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def close(actual, expected, tol, what=""):
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
+    if expected.numel() == 0:
+        return
+    a, e = actual.double(), expected.double()
+    err = (a - e).abs().max().item()
+    scale = max(1.0, e.abs().max().item())
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+SMALL_PATHS = ["two_pass", "split"]
+ALL_PATHS = ["default"] + SMALL_PATHS
+
+
+def use_path(monkeypatch, path):
+    """Launch configuration; the small ones send widths > 32 through multi-block code."""
+    if path != "default":
+        monkeypatch.setattr(pt, "WHOLE_ROW_MAX", 32)
+        monkeypatch.setattr(pt, "CHUNK_SIZES", (32,))
+        monkeypatch.setattr(pt, "TILE", 64)
+        programs = 1 if path == "two_pass" else 1024
+        monkeypatch.setattr(pt, "target_programs", lambda device: programs)
+
+
+def make_inputs(rows, n, order, dtype, experts=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(rows, n, generator=gen).to(DEVICE, dtype)
+    sets_count = 1 if experts is None else len(experts)
+    coeffs = (torch.randn(sets_count, order + 1, generator=gen) * 0.5).to(DEVICE)
+    sets = None if experts is None else row_sets(experts, sets_count, rows, DEVICE)
+    return x, dy, coeffs, sets
+
+
+def check_pieces(x, dy, coeffs, sets, order):
+    """Every kernel-set method, Triton vs PyTorch, on the same inputs."""
+    rows, n = x.shape
+    tol = OUT_TOL[x.dtype]
+    moments = T.moments(x, order)
+    close(K.moments(x, order), moments, 1e-5, "moments")
+    inv_rms = torch.rsqrt(moments / n + EPS)
+    close(K.forward(x, inv_rms, coeffs, sets), T.forward(x, inv_rms, coeffs, sets), tol, "forward")
+    dots = T.backward_dots(x, dy, order)
+    close(K.backward_dots(x, dy, order), dots, 1e-5, "backward_dots")
+    dx = T.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n)
+    close(K.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n), dx, tol, "backward_dx")
+    # The TP form: the statistics cover 2n columns (as if another rank held the rest).
+    close(
+        K.backward_dx(x, dy, inv_rms, dots, coeffs, sets, 2 * n),
+        T.backward_dx(x, dy, inv_rms, dots, coeffs, sets, 2 * n),
+        tol,
+        "backward_dx (n_total = 2n)",
+    )
+
+    y_f, inv_f = K.forward_fused(x, coeffs, sets, EPS)
+    close(inv_f, inv_rms, 1e-5, "forward_fused inv_rms")
+    close(y_f, T.forward(x, inv_rms, coeffs, sets), tol, "forward_fused y")
+    dx_f, dots_f = K.backward_fused(x, dy, inv_rms, coeffs, sets, n)
+    close(dots_f, dots, 1e-5, "backward_fused dots")
+    close(dx_f, dx, tol, "backward_fused dx")
+
+
+FP32, BF16 = torch.float32, torch.bfloat16
+DTYPES = pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+# Multi-block configurations are slow under the interpreter: all orders in fp32, one in bf16.
+SMALL_CASES = [(o, FP32) for o in (1, 2, 3, 4)] + [(3, BF16)]
+SMALL_IDS = [f"r{o}-{'fp32' if d is FP32 else 'bf16'}" for o, d in SMALL_CASES]
+
+
+@DTYPES
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 33, 100])
+def test_pieces_match_torch(n, order, dtype):
+    x, dy, coeffs, _ = make_inputs(6, n, order, dtype, seed=n * 10 + order)
+    check_pieces(x, dy, coeffs, None, order)
+
+
+@pytest.mark.parametrize("path", SMALL_PATHS)
+@pytest.mark.parametrize("order,dtype", SMALL_CASES, ids=SMALL_IDS)
+def test_pieces_match_torch_multi_block(monkeypatch, path, order, dtype):
+    use_path(monkeypatch, path)
+    x, dy, coeffs, _ = make_inputs(2, 70, order, dtype, seed=order)
+    check_pieces(x, dy, coeffs, None, order)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@DTYPES
+def test_pieces_per_expert_sets(monkeypatch, path, dtype):
+    use_path(monkeypatch, path)
+    order = 3
+    # Expert-major rows with empty experts, first and in the middle.
+    x, dy, coeffs, sets = make_inputs(7, 45, order, dtype, experts=[0, 3, 0, 4, 0], seed=order)
+    check_pieces(x, dy, coeffs, sets, order)
+
+
+@DTYPES
+@pytest.mark.parametrize("rows,n,order", [(2, 8300, 3), (3, 4500, 1), (1, 9000, 4)])
+def test_pieces_rows_wider_than_a_block(rows, n, order, dtype):
+    # Default blocks: one row does not fit a block (two passes); a single row is split.
+    x, dy, coeffs, sets = make_inputs(rows, n, order, dtype, experts=[rows - 1, 0, 1], seed=n)
+    check_pieces(x, dy, coeffs, sets, order)
+
+
+def grads(fn, x, weight, bias, dy):
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    bias = bias.detach().requires_grad_()
+    y = fn(x, weight, bias)
+    gx, gw, gb = torch.autograd.grad(y, (x, weight, bias), dy)
+    return y, gx, gw, gb
+
+
+def check_against(fn, ref, x, weight, bias, dy, dtype):
+    tol = OUT_TOL[dtype]
+    got, want = grads(fn, x, weight, bias, dy), grads(ref, x, weight, bias, dy)
+    for name, a, b, t in zip(("y", "dx", "dweight", "dbias"), got, want, (tol, tol, 1e-4, 1e-4)):
+        close(a, b, t, name)
+
+
+@DTYPES
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(2, 3, 33), (5, 100), (4, 1)], ids=str)
+def test_polynorm_matches_reference(shape, order, dtype):
+    check_polynorm(shape, order, dtype)
+
+
+@pytest.mark.parametrize("path", SMALL_PATHS)
+@pytest.mark.parametrize("order,dtype", SMALL_CASES, ids=SMALL_IDS)
+def test_polynorm_matches_reference_multi_block(monkeypatch, path, order, dtype):
+    use_path(monkeypatch, path)
+    check_polynorm((2, 70), order, dtype)
+
+
+def check_polynorm(shape, order, dtype):
+    gen = torch.Generator().manual_seed(order)
+    x = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    weight = torch.randn(order, generator=gen).to(DEVICE) * 0.5
+    bias = torch.randn(1, generator=gen).to(DEVICE)
+    check_against(
+        lambda x, w, b: polynorm(x, w, b, EPS, kernel="triton"),
+        lambda x, w, b: polynorm_reference(x, w, b, EPS),
+        x, weight, bias, dy, dtype,
+    )
+
+
+class _TritonTensorParallelPieces:
+    """The Triton set without its fused entry points: the Function's TP code path."""
+
+    name = "triton-split"
+    moments = staticmethod(K.moments)
+    forward = staticmethod(K.forward)
+    backward_dots = staticmethod(K.backward_dots)
+    backward_dx = staticmethod(K.backward_dx)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@DTYPES
+@pytest.mark.parametrize("order", [1, 3])
+def test_function_tensor_parallel_path_matches_reference(monkeypatch, path, order, dtype):
+    use_path(monkeypatch, path)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 70, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(3, 70, generator=gen).to(DEVICE, dtype)
+    weight = torch.randn(order, generator=gen).to(DEVICE) * 0.5
+    bias = torch.randn(1, generator=gen).to(DEVICE)
+    check_against(
+        lambda x, w, b: PolyNormFunction.apply(
+            x, w, b, EPS, None, None, _TritonTensorParallelPieces
+        ),
+        lambda x, w, b: polynorm_reference(x, w, b, EPS),
+        x, weight, bias, dy, dtype,
+    )
+
+
+def per_expert_reference(tokens_per_expert):
+    def ref(x, weight, bias):
+        parts = x.split(tokens_per_expert)
+        return torch.cat(
+            [polynorm_reference(p, weight[e], bias[e], EPS) for e, p in enumerate(parts)]
+        )
+
+    return ref
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@DTYPES
+@pytest.mark.parametrize("tokens_per_expert", [[3, 0, 2, 1], [0, 0, 4, 0], [0, 0, 0, 0]], ids=str)
+def test_grouped_polynorm_per_expert_coefficients(monkeypatch, path, tokens_per_expert, dtype):
+    use_path(monkeypatch, path)
+    order, experts, rows = 3, len(tokens_per_expert), sum(tokens_per_expert)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 40, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(rows, 40, generator=gen).to(DEVICE, dtype)
+    weight = torch.randn(experts, order, generator=gen).to(DEVICE) * 0.5
+    bias = torch.randn(experts, 1, generator=gen).to(DEVICE)
+
+    def ours(kernel):
+        return lambda x, w, b: polynorm(
+            x, w, b, EPS, tokens_per_expert=tokens_per_expert, kernel=kernel
+        )
+
+    check_against(
+        ours("triton"), per_expert_reference(tokens_per_expert), x, weight, bias, dy, dtype
+    )
+    # The same through the PyTorch kernel set.
+    check_against(ours("triton"), ours("torch"), x, weight, bias, dy, dtype)
+
+
+def test_zero_rows():
+    x = torch.zeros(0, 48, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.tensor([0.2, 0.3, 0.5], device=DEVICE, requires_grad=True)
+    bias = torch.tensor([0.1], device=DEVICE, requires_grad=True)
+    y = polynorm(x, weight, bias, kernel="triton")
+    assert y.shape == (0, 48) and y.dtype == torch.bfloat16
+    gx, gw, gb = torch.autograd.grad(y, (x, weight, bias), torch.zeros_like(y))
+    assert gx.shape == x.shape and not gw.any() and not gb.any()
+    coeffs = coeff_table(weight.detach(), bias.detach())
+    y, inv = K.forward_fused(x.detach(), coeffs, None, EPS)
+    assert y.shape == (0, 48) and inv.shape == (0, 3) and inv.dtype == torch.float32
+    assert K.moments(x.detach(), 3).shape == (0, 3)
+    assert K.backward_dots(x.detach(), x.detach(), 3).shape == (0, 4)
+
+
+def test_float64_and_high_orders_fall_back_to_torch():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, generator=gen, dtype=torch.float64).to(DEVICE)
+    coeffs = torch.randn(1, 4, generator=gen, dtype=torch.float64).to(DEVICE)
+    y, inv = K.forward_fused(x, coeffs, None, EPS)
+    assert y.dtype == torch.float64 and inv.dtype == torch.float64
+    close(y, T.forward(x, inv, coeffs, None), 1e-12, "float64")
+    order = pt.MAX_ORDER + 1
+    x32 = x.float()
+    close(K.moments(x32, order), T.moments(x32, order), 1e-6, "order above MAX_ORDER")
+
+
+def test_plans_are_sane():
+    # Whole rows up to WHOLE_ROW_MAX; wider rows loop over blocks that waste <= 1/8.
+    bm, bn, single = pt.row_tile(8192, 1536, pt.WHOLE_ROW_MAX)
+    assert single and bn == 2048 and bm * bn <= max(pt.TILE, bn)
+    bm, bn, single = pt.row_tile(8192, 8256, pt.WHOLE_ROW_MAX)
+    assert not single and bm == 1 and (-(-8256 // bn) * bn - 8256) <= 8256 // 8
+    assert pt.kp(3) == 4 and pt.kp(4) == 8
+    assert 1 <= pt.warps(64) and pt.warps(1 << 20) <= 32

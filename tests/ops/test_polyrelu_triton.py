@@ -1,0 +1,179 @@
+"""Triton PolyReLU kernels against the PyTorch kernel set and the reference formula.
+
+Runs under Triton's interpreter without CUDA (see conftest.py), so shapes stay small.
+Launch configurations as in test_polynorm_triton.py: defaults, tiny blocks (rows looped
+over in several column blocks) and tiny blocks with rows split over several programs.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from polycom_megatron.ops import polynorm_triton as pt  # noqa: E402
+from polycom_megatron.ops.common import row_sets  # noqa: E402
+from polycom_megatron.ops.polyrelu import (  # noqa: E402
+    TorchPolyReLUKernels,
+    polyrelu,
+    polyrelu_reference,
+)
+from polycom_megatron.ops.polyrelu_triton import TritonPolyReLUKernels  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+K, T = TritonPolyReLUKernels, TorchPolyReLUKernels
+FP32, BF16 = torch.float32, torch.bfloat16
+DTYPES = pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+OUT_TOL = {FP32: 2e-5, BF16: 2e-2}
+SMALL_PATHS = ["two_pass", "split"]
+ALL_PATHS = ["default"] + SMALL_PATHS
+
+if DEVICE.type == "cpu" and not pt.interpreted():
+    pytest.skip(
+        "Triton kernels were defined before TRITON_INTERPRET=1 was set", allow_module_level=True
+    )
+
+
+def use_path(monkeypatch, path):
+    if path != "default":
+        monkeypatch.setattr(pt, "CHUNK_SIZES", (32,))
+        monkeypatch.setattr(pt, "TILE", 64)
+        programs = 1 if path == "two_pass" else 1024
+        monkeypatch.setattr(pt, "target_programs", lambda device: programs)
+
+
+def close(actual, expected, tol, what=""):
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
+    if expected.numel() == 0:
+        return
+    a, e = actual.double(), expected.double()
+    err = (a - e).abs().max().item()
+    scale = max(1.0, e.abs().max().item())
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+def check_pieces(rows, n, order, dtype, experts=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(rows, n, generator=gen).to(DEVICE, dtype)
+    count = 1 if experts is None else len(experts)
+    coeffs = (torch.randn(count, order + 1, generator=gen) * 0.5).to(DEVICE)
+    sets = None if experts is None else row_sets(experts, count, rows, DEVICE)
+    tol = OUT_TOL[dtype]
+    close(K.forward(x, coeffs, sets), T.forward(x, coeffs, sets), tol, "forward")
+    dx, row_grads = K.backward(x, dy, coeffs, sets)
+    dx_ref, row_grads_ref = T.backward(x, dy, coeffs, sets)
+    close(dx, dx_ref, tol, "dx")
+    close(row_grads, row_grads_ref, 1e-5, "row grads")
+
+
+@DTYPES
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 33, 100])
+def test_pieces_match_torch(n, order, dtype):
+    check_pieces(6, n, order, dtype, seed=n + order)
+
+
+@pytest.mark.parametrize("path", SMALL_PATHS)
+@pytest.mark.parametrize(
+    "order,dtype", [(1, FP32), (2, FP32), (3, FP32), (4, FP32), (3, BF16)], ids=str
+)
+def test_pieces_match_torch_multi_block(monkeypatch, path, order, dtype):
+    use_path(monkeypatch, path)
+    check_pieces(2, 70, order, dtype, seed=order)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@DTYPES
+def test_pieces_per_expert_sets(monkeypatch, path, dtype):
+    use_path(monkeypatch, path)
+    check_pieces(7, 45, 3, dtype, experts=[0, 3, 0, 4, 0], seed=1)
+
+
+@DTYPES
+@pytest.mark.parametrize("rows,n,order,experts", [(2, 8300, 3, None), (1, 9000, 2, [0, 1])])
+def test_pieces_rows_wider_than_a_block(rows, n, order, experts, dtype):
+    check_pieces(rows, n, order, dtype, experts=experts, seed=n)
+
+
+def grads(fn, x, weight, bias, dy):
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    bias = bias.detach().requires_grad_()
+    y = fn(x, weight, bias)
+    return (y,) + torch.autograd.grad(y, (x, weight, bias), dy)
+
+
+def check_against(fn, ref, x, weight, bias, dy, dtype):
+    tol = OUT_TOL[dtype]
+    got, want = grads(fn, x, weight, bias, dy), grads(ref, x, weight, bias, dy)
+    for name, a, b, t in zip(("y", "dx", "dweight", "dbias"), got, want, (tol, tol, 1e-4, 1e-4)):
+        close(a, b, t, name)
+
+
+@pytest.mark.parametrize("path", ["default", "split"])
+@DTYPES
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_polyrelu_matches_reference(monkeypatch, path, order, dtype):
+    use_path(monkeypatch, path)
+    gen = torch.Generator().manual_seed(order)
+    x = torch.randn(2, 3, 70, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(2, 3, 70, generator=gen).to(DEVICE, dtype)
+    weight = torch.randn(order, generator=gen).to(DEVICE) * 0.5
+    bias = torch.randn(1, generator=gen).to(DEVICE)
+    check_against(
+        lambda x, w, b: polyrelu(x, w, b, kernel="triton"), polyrelu_reference,
+        x, weight, bias, dy, dtype,
+    )
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@DTYPES
+@pytest.mark.parametrize("tokens_per_expert", [[3, 0, 2, 1], [0, 0, 4, 0], [0, 0, 0]], ids=str)
+def test_grouped_polyrelu_per_expert_coefficients(monkeypatch, path, tokens_per_expert, dtype):
+    use_path(monkeypatch, path)
+    order, experts, rows = 3, len(tokens_per_expert), sum(tokens_per_expert)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 40, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(rows, 40, generator=gen).to(DEVICE, dtype)
+    weight = torch.randn(experts, order, generator=gen).to(DEVICE) * 0.5
+    bias = torch.randn(experts, 1, generator=gen).to(DEVICE)
+
+    def ref(x, w, b):
+        parts = x.split(tokens_per_expert)
+        return torch.cat([polyrelu_reference(p, w[e], b[e]) for e, p in enumerate(parts)])
+
+    def ours(kernel):
+        return lambda x, w, b: polyrelu(x, w, b, tokens_per_expert=tokens_per_expert, kernel=kernel)
+
+    check_against(ours("triton"), ref, x, weight, bias, dy, dtype)
+    check_against(ours("triton"), ours("torch"), x, weight, bias, dy, dtype)
+
+
+def test_zero_rows():
+    x = torch.zeros(0, 48, device=DEVICE, dtype=BF16, requires_grad=True)
+    weight = torch.tensor([0.2, 0.3, 0.5], device=DEVICE, requires_grad=True)
+    bias = torch.tensor([0.1], device=DEVICE, requires_grad=True)
+    y = polyrelu(x, weight, bias, kernel="triton")
+    assert y.shape == (0, 48) and y.dtype == BF16
+    gx, gw, gb = torch.autograd.grad(y, (x, weight, bias), torch.zeros_like(y))
+    assert gx.shape == x.shape and not gw.any() and not gb.any()
+
+
+def test_float64_falls_back_to_torch():
+    x = torch.randn(3, 20, dtype=torch.float64, device=DEVICE)
+    coeffs = torch.randn(1, 4, dtype=torch.float64, device=DEVICE)
+    close(K.forward(x, coeffs, None), T.forward(x, coeffs, None), 1e-12, "float64")
+
+
+def test_nan_propagates_like_torch():
+    x = torch.tensor([[float("nan"), -1.0, 0.0, 2.0]], device=DEVICE)
+    coeffs = torch.tensor([[0.1, 0.2, 0.3, 0.4]], device=DEVICE)
+    y = K.forward(x, coeffs, None)
+    torch.testing.assert_close(y, T.forward(x, coeffs, None), equal_nan=True)
+    assert torch.isnan(y[0, 0])
