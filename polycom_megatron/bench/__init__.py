@@ -1,0 +1,1 @@
+"""Benchmarks: layer and model throughput (throughput.py), FLOP counts (flops.py), kernel timings."""
