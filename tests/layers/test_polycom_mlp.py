@@ -8,14 +8,14 @@ from distributed import run_distributed
 
 
 def _build_and_inspect(rank, world_size):
-    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
-
     from polycom_megatron.config import PolyComConfig
 
-    config, ddp, _ = h.build(h.Layout(), PolyComConfig(order=3))
+    config, ddp, optimizer = h.build(h.Layout(), PolyComConfig(order=3))
     acts = [layer.mlp.activation_func for layer in ddp.module.decoder.layers]
     named = dict(ddp.module.named_parameters())
-    groups = _get_param_groups([ddp.module], OptimizerConfig(weight_decay=0.1), None)
+    # The param groups Megatron's optimizer really built (wd_mult 0 = no weight decay);
+    # they hold fp32 main params only with mixed precision, so match the model's params.
+    groups = [g for o in optimizer.chained_optimizers for g in o.optimizer.param_groups]
     no_decay = {id(p) for g in groups if g["wd_mult"] == 0.0 for p in g["params"]}
     coeff_names = [n for n in named if "activation_func" in n]
     return dict(
