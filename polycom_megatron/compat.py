@@ -6,6 +6,8 @@ helpers below instead of testing versions itself.
 
 from __future__ import annotations
 
+import functools
+
 from megatron.core import package_info, parallel_state
 
 MIN_VERSION = (0, 15)
@@ -41,3 +43,51 @@ def mlp_tp_group(mlp):
     if is_expert:
         return parallel_state.get_expert_tensor_parallel_group()
     return parallel_state.get_tensor_model_parallel_group()
+
+
+# --- MLP specs -------------------------------------------------------------------------
+# Up to 0.17 a TransformerLayer's dense MLP is ``ModuleSpec(module=MLP, submodules=...)``,
+# built with build_module. From 0.18 it is ``functools.partial(MLP.as_mlp_submodule,
+# submodules=...)`` that TransformerLayer calls with (config, pg_collection, ...).
+
+
+def _classmethod_owner(func, method_name: str):
+    """The class of a bound classmethod ``cls.<method_name>``, or None."""
+    if getattr(func, "__name__", None) == method_name and isinstance(
+        getattr(func, "__self__", None), type
+    ):
+        return func.__self__
+    return None
+
+
+def mlp_spec_parts(node):
+    """``(module class, submodules, params)`` of a dense-MLP spec in either form, or None."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(node, ModuleSpec) and isinstance(node.module, type):
+        return node.module, node.submodules, dict(node.params or {})
+    if isinstance(node, functools.partial):
+        owner = _classmethod_owner(node.func, "as_mlp_submodule")
+        if owner is not None and not node.args:
+            params = dict(node.keywords)
+            return owner, params.pop("submodules", None), params
+    return None
+
+
+def make_mlp_spec(module_cls, submodules, params):
+    """A dense-MLP spec for ``module_cls`` (an MLP subclass) in this version's form."""
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if hasattr(MLP, "as_mlp_submodule"):
+        return functools.partial(module_cls.as_mlp_submodule, submodules=submodules, **params)
+    return ModuleSpec(module=module_cls, params=params, submodules=submodules)
+
+
+def build_submodule(spec_or_builder, **kwargs):
+    """Build from a ModuleSpec (any version) or call a builder (the 0.17+ style)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    if isinstance(spec_or_builder, ModuleSpec):
+        return build_module(spec_or_builder, **kwargs)
+    return spec_or_builder(**kwargs)

@@ -12,6 +12,7 @@ changes nothing but the activation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 from megatron.core.models.gpt import gpt_layer_specs
@@ -21,6 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from polycom_megatron import compat
 from polycom_megatron.config import PolyComConfig
 from polycom_megatron.layers.activation import PolyComActivation
 from polycom_megatron.layers.experts import polycom_moe_spec
@@ -28,28 +30,28 @@ from polycom_megatron.layers.mlp import PolyComMLP
 from polycom_megatron.layers.norm import LocalNorm
 
 
-def polycom_mlp_spec(mlp_spec: ModuleSpec, polycom: PolyComConfig) -> ModuleSpec:
-    """A dense ``MLP`` spec -> the same linears around a PolyCom activation."""
-    return ModuleSpec(
-        module=PolyComMLP,
-        params=dict(mlp_spec.params or {}),
-        submodules=dataclasses.replace(
-            mlp_spec.submodules,
-            activation_func=ModuleSpec(module=PolyComActivation, params={"polycom": polycom}),
-        ),
-    )
+def polycom_mlp_spec(mlp_spec, polycom: PolyComConfig):
+    """A dense ``MLP`` spec (either form, see compat) -> the same linears around a PolyCom
+    activation. The activation is a builder that PolyComMLP calls with its TP group."""
+    _, submodules, params = compat.mlp_spec_parts(mlp_spec)
+    activation = functools.partial(PolyComActivation, polycom=polycom)
+    submodules = dataclasses.replace(submodules, activation_func=activation)
+    return compat.make_mlp_spec(PolyComMLP, submodules, params)
 
 
 def with_polycom(spec, polycom: PolyComConfig):
     """Copy of a GPT layer/block spec with every MLP (dense, expert, shared expert) on PolyCom."""
+
     def rewrite(node):
-        if not isinstance(node, ModuleSpec):
-            return None
-        if node.module is MLP:
-            return polycom_mlp_spec(node, polycom)
-        if node.module is MoELayer:
+        if isinstance(node, ModuleSpec) and node.module is MoELayer:
             return polycom_moe_spec(node, polycom)
-        if getattr(node.module, "__name__", "") == "TEFusedMLP":
+        parts = compat.mlp_spec_parts(node)
+        if parts is None:
+            return None
+        module = parts[0]
+        if module is MLP:
+            return polycom_mlp_spec(node, polycom)
+        if module.__name__.startswith("TEFusedMLP"):
             raise ValueError(
                 "The Transformer Engine op-fuser MLP (--use-te-op-fuser) fuses only "
                 "GELU/SiLU/ReLU; drop that flag to use PolyCom."
@@ -128,6 +130,12 @@ def _rewrite_spec(node, rewrite: Callable):
         return replaced
     if isinstance(node, (list, tuple)):
         return type(node)(_rewrite_spec(item, rewrite) for item in node)
+    if isinstance(node, functools.partial):
+        # 0.17+ builders: partial(SomeModule, submodules=..., ...) nests specs in keywords.
+        keywords = {k: _rewrite_spec(v, rewrite) for k, v in node.keywords.items()}
+        if any(keywords[k] is not v for k, v in node.keywords.items()):
+            return functools.partial(node.func, *node.args, **keywords)
+        return node
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         changes = {}
         for field in dataclasses.fields(node):

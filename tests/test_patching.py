@@ -345,7 +345,7 @@ def test_model_config_hook_for_megatron_lm_019():
     assert cfg.transformer.bias_activation_fusion is False
     built = cfg.transformer_layer_spec(cfg, vp_stage=1)
     assert calls == [1] and built.submodules.mlp.module is PolyComMLP
-    assert built.submodules.mlp.submodules.activation_func.params["polycom"].activation == "polyrelu"
+    assert built.submodules.mlp.submodules.activation_func.keywords["polycom"].activation == "polyrelu"
 
     fixed = SimpleNamespace(transformer=transformer_config(), transformer_layer_spec=local_layer_spec())
     patching.polycom_model_config(fixed, megatron_args("--polycom-activation", "polynorm"))

@@ -17,8 +17,8 @@ def test_local_layer_spec_gets_polycom_mlp_and_keeps_the_rest():
     mlp = spec.submodules.mlp
     assert mlp.module is PolyComMLP
     assert mlp.submodules.linear_fc1 is base.submodules.mlp.submodules.linear_fc1
-    assert mlp.submodules.activation_func.module is PolyComActivation
-    assert mlp.submodules.activation_func.params == {"polycom": polycom}
+    assert mlp.submodules.activation_func.func is PolyComActivation
+    assert mlp.submodules.activation_func.keywords == {"polycom": polycom}
     assert spec.submodules.self_attention is base.submodules.self_attention
     assert base.submodules.mlp.module is MLP, "Megatron's shared spec must not be mutated"
 

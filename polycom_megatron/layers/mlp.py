@@ -13,7 +13,6 @@ import dataclasses
 import logging
 
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from polycom_megatron import compat
@@ -59,7 +58,8 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_Quie
 
 class PolyComMLP(MLP):
     """fc1 -> PolyCom activation -> fc2, with the activation built from
-    ``submodules.activation_func`` (a spec of ``PolyComActivation``)."""
+    ``submodules.activation_func``: a builder (or ModuleSpec) of ``PolyComActivation``
+    taking ``config`` and ``tp_group``."""
 
     def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, *args, **kwargs):
         check_transformer_config(config)
@@ -70,7 +70,7 @@ class PolyComMLP(MLP):
             )
         plain = dataclasses.replace(submodules, activation_func=None)
         super().__init__(config, plain, *args, **kwargs)
-        self.activation_func = build_module(
+        self.activation_func = compat.build_submodule(
             submodules.activation_func, config=config, tp_group=compat.mlp_tp_group(self)
         )
 
