@@ -1,0 +1,139 @@
+"""The CPU training job end to end on 2 gloo ranks: a run cut in half and resumed from
+its checkpoint reproduces the uninterrupted run step for step; the loss falls; tensor
+parallelism and data parallelism train the same model; bad layouts are refused up front.
+
+Every run is a real ``cpu_loop.run``: data prepared by data.py, megatron-core's GPTDataset,
+DDP, optimizer, scheduler, schedule and dist_checkpointing, on spawned ranks with a deadline.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from polycom_megatron.training import checkpoint, cpu_loop
+from polycom_megatron.training.cpu_job import CpuJob
+
+STEPS = 8
+DEADLINE_S = 240  # per run; a healthy one takes seconds
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def small_job(output_dir: Path, data_dir: Path, **changes) -> CpuJob:
+    """A model small enough for seconds per run, with every part of the default job:
+    PolyNorm experts on expert parallelism (EP=2 over DP=2), dropout (so the RNG state in
+    the checkpoint matters), micro-batches, warm-up and cosine decay."""
+    fields = dict(
+        output_dir=output_dir,
+        data=data_dir,
+        steps=STEPS,
+        world_size=2,
+        tp=1,
+        ep=2,
+        num_experts=4,
+        layers=2,
+        hidden=64,
+        heads=4,
+        seq_len=64,
+        micro_batch=2,
+        global_batch=8,
+        lr=1e-2,
+        lr_decay_steps=STEPS,
+        dropout=0.1,
+        vocab_size=1024,
+        log_interval=100,
+    )
+    fields.update(changes)
+    return CpuJob(**fields).validate()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    cpu_loop.prepare_data(small_job(path.parent / "unused", path), quiet=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir):
+    """STEPS steps in one go."""
+    job = small_job(tmp_path_factory.mktemp("straight"), data_dir)
+    return cpu_loop.run(job, prepare_quietly=True, deadline_s=DEADLINE_S)
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run(straight, data_dir, tmp_path):
+    half = STEPS // 2
+    first = cpu_loop.run(
+        small_job(tmp_path, data_dir, steps=half, save_interval=2),
+        prepare_quietly=True, deadline_s=DEADLINE_S,
+    )
+    second = cpu_loop.run(
+        small_job(tmp_path, data_dir, resume=True), prepare_quietly=True, deadline_s=DEADLINE_S
+    )
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "iter_0000002").is_dir(), "--save-interval 2 saves along the way"
+    assert first.checkpoint_path == str(ckpts / "iter_0000004")
+    assert second.resumed_from == str(ckpts / "iter_0000004")
+    assert (second.start_iteration, second.final_iteration) == (half, STEPS)
+    assert checkpoint.latest_iteration(ckpts) == STEPS
+
+    assert list(first.losses) == list(range(1, half + 1))
+    assert list(second.losses) == list(range(half + 1, STEPS + 1))
+    for part in (first, second):
+        for step, loss in part.losses.items():
+            assert loss == pytest.approx(straight.losses[step], rel=1e-6, abs=1e-7), step
+            assert part.grad_norms[step] == pytest.approx(straight.grad_norms[step], rel=1e-6), step
+
+
+def test_loss_falls(straight):
+    losses = list(straight.losses.values())
+    assert len(losses) == STEPS
+    assert max(losses[-2:]) < losses[0] - 0.5, losses
+
+
+def test_run_reports_and_checkpoints(straight):
+    assert straight.checkpoint_path and Path(straight.checkpoint_path).is_dir()
+    assert straight.checkpoint_bytes == checkpoint.size_on_disk(straight.checkpoint_path) > 0
+    assert straight.tokens_trained == STEPS * 8 * 64
+    summary = json.loads((Path(straight.checkpoint_path).parents[1] / "summary.json").read_text())
+    assert summary["final_iteration"] == STEPS
+    text = straight.describe()
+    assert "4 experts, top-2, EP 2" in text and "tokens/s" in text and "MiB" in text
+
+
+def test_tensor_parallel_trains_the_same_model_as_data_parallel(data_dir, tmp_path):
+    """Dense model (expert weights are drawn per expert-parallel rank, so MoE layouts do
+    not start from the same weights): TP=2 with sequence parallelism, one DP rank and
+    batches broadcast across TP, against DP=2 without TP. Same global batches, same
+    initial weights (drawn whole on CPU, then split), so the same losses."""
+    runs = {}
+    for tp in (1, 2):
+        job = small_job(tmp_path / f"tp{tp}", data_dir, tp=tp, ep=1, num_experts=0, dropout=0.0)
+        runs[tp] = cpu_loop.run(job, prepare_quietly=True, deadline_s=DEADLINE_S)
+    assert "DP 2" in runs[1].layout and "TP 2" in runs[2].layout
+    for step, loss in runs[1].losses.items():
+        assert runs[2].losses[step] == pytest.approx(loss, rel=1e-4), step
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--world-size", "3"], "not divisible by TP x PP"),
+        (["--world-size", "8"], "at most 4 ranks"),
+        (["--tp", "2", "--heads", "3", "--hidden", "96"], "--heads 3 is not divisible by --tp 2"),
+        (["--num-experts", "3", "--ep", "2", "--tp", "1"], "--num-experts 3 is not divisible by --ep 2"),
+        (["--num-experts", "4", "--ep", "4", "--tp", "2"], "--ep 4 must divide the data-parallel size 2"),
+        (["--global-batch", "6"], "--global-batch 6 is not divisible"),
+        (["--layers", "3", "--pp", "2", "--tp", "1"], "--layers 3 is not divisible by --pp 2"),
+    ],
+)
+def test_bad_layouts_are_refused_before_any_rank_starts(flags, message, tmp_path, capsys):
+    assert cpu_loop.main(["--output-dir", str(tmp_path)] + flags) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists(), "nothing is prepared for a job that cannot run"
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+    assert cpu_loop.main(["--output-dir", str(tmp_path), "--resume"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err

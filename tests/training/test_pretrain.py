@@ -1,0 +1,233 @@
+"""The Megatron launcher, as far as it runs without megatron.training: the PolyCom flags
+checked and turned into Megatron flags before Megatron starts, unsupported flags refused,
+the model provider building the right GPT from parsed arguments (one CPU rank, gloo),
+the shared loss and batch code, and the message when megatron.training is missing."""
+
+import argparse
+import importlib.util
+
+import pytest
+import torch
+
+import gpt_harness as h
+from distributed import run_distributed
+from polycom_megatron.config import PolyComConfig, add_polycom_args
+from polycom_megatron.training import pretrain
+from polycom_megatron.training.pretrain import NO_FUSION_FLAGS, prepare_argv
+
+MEGATRON_ARGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "192"]
+
+
+# --------------------------------------------------------------------------------------
+# Flags, before Megatron parses anything
+# --------------------------------------------------------------------------------------
+
+
+def test_polycom_flags_become_a_config_and_turn_fusion_off(capsys):
+    argv = MEGATRON_ARGS + [
+        "--polycom-activation", "polyrelu", "--polycom-order", "2",
+        "--polycom-eps", "1e-5", "--polycom-kernel", "torch", "--polycom-coeff-mode", "expert",
+    ]
+    megatron_argv, polycom = prepare_argv(argv)
+    assert polycom == PolyComConfig(
+        activation="polyrelu", order=2, eps=1e-5, kernel="torch", coeff_mode="expert"
+    )
+    assert megatron_argv == argv + list(NO_FUSION_FLAGS)
+    assert "bias-activation fusion is off" in capsys.readouterr().out
+
+
+def test_fusion_flags_already_given_are_not_repeated(capsys):
+    argv = MEGATRON_ARGS + ["--polycom-activation", "polynorm", "--no-bias-gelu-fusion"]
+    megatron_argv, _ = prepare_argv(argv)
+    assert megatron_argv.count("--no-bias-gelu-fusion") == 1
+    assert megatron_argv[-1] == "--no-bias-swiglu-fusion"
+
+
+def test_without_polycom_the_arguments_pass_through_untouched(capsys):
+    argv = MEGATRON_ARGS + ["--swiglu"]
+    assert prepare_argv(argv) == (argv, None)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("glu", ["--swiglu", "--quick-geglu"])
+def test_gated_units_are_refused_with_polycom(glu):
+    with pytest.raises(ValueError, match=f"{glu} cannot be combined with --polycom-activation"):
+        prepare_argv(MEGATRON_ARGS + [glu, "--polycom-activation", "polynorm"])
+
+
+def test_main_reports_bad_polycom_flags_before_anything_starts(capsys):
+    assert pretrain.main(MEGATRON_ARGS + ["--polycom-activation", "polynorm", "--swiglu"]) == 2
+    assert "--swiglu cannot be combined" in capsys.readouterr().err
+    assert pretrain.main(["--polycom-activation", "polynorm", "--polycom-order", "0"]) == 2
+    assert "--polycom-order" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("megatron.training") is not None,
+    reason="megatron.training is importable here",
+)
+def test_main_explains_how_to_get_megatron_training(capsys):
+    assert pretrain.main(MEGATRON_ARGS + ["--polycom-activation", "polynorm"]) == 2
+    err = capsys.readouterr().err
+    for hint in ("megatron.training", "Python >= 3.12", "megatron-core>=0.17", "PYTHONPATH",
+                 "polycom-megatron train-cpu"):
+        assert hint in err
+
+
+# --------------------------------------------------------------------------------------
+# Parsed Megatron arguments
+# --------------------------------------------------------------------------------------
+
+
+def megatron_args(*polycom_flags, **settings):
+    """What Megatron's parser hands the model provider: our flags parsed by our own
+    argparse group (as extra_args_provider), plus the Megatron settings the provider reads."""
+    args = add_polycom_args(argparse.ArgumentParser()).parse_args(list(polycom_flags))
+    base = dict(
+        padded_vocab_size=h.VOCAB,
+        max_position_embeddings=h.SEQ,
+        transformer_impl="local",
+        untie_embeddings_and_output_weights=True,
+        position_embedding_type="rope",
+        rotary_base=10000,
+        rotary_percent=1.0,
+    )
+    for name, value in {**base, **settings}.items():
+        setattr(args, name, value)
+    return args
+
+
+def test_supported_arguments_pass_the_check():
+    assert pretrain.unsupported_settings(megatron_args("--polycom-activation", "polynorm")) == []
+
+
+@pytest.mark.parametrize(
+    "setting, flag",
+    [
+        (dict(spec=["my.module", "spec"]), "--spec"),
+        (dict(mtp_num_layers=1), "--mtp-num-layers"),
+        (dict(use_legacy_models=True), "--use-legacy-models"),
+        (dict(sft=True), "--sft"),
+        (dict(rotary_base=500000), "--rotary-base"),
+        (dict(transformer_impl="inference_optimized"), "--transformer-impl inference_optimized"),
+    ],
+)
+def test_unsupported_arguments_are_named(setting, flag):
+    found = pretrain.unsupported_settings(megatron_args(**setting))
+    assert len(found) == 1 and found[0].startswith(flag)
+    with pytest.raises(pretrain.UnsupportedSettings, match=flag):
+        pretrain.check_args(megatron_args(**setting))
+
+
+# --------------------------------------------------------------------------------------
+# The model provider, on one CPU rank
+# --------------------------------------------------------------------------------------
+
+
+def _describe(model):
+    """Picklable facts about a built GPT, plus the loss of one forward pass."""
+    layers = model.decoder.layers
+    out = dict(
+        mlp=[type(layer.mlp).__name__ for layer in layers],
+        activation=[repr(getattr(layer.mlp, "activation_func", None)) for layer in layers],
+        module_types=sorted({type(m).__name__ for m in model.modules()}),
+        has_embedding=hasattr(model, "embedding"),
+        has_output_layer=hasattr(model, "output_layer"),
+    )
+    if out["has_output_layer"]:
+        out["output_rows"] = model.output_layer.weight.shape[0]
+    if out["has_embedding"] and out["has_output_layer"]:
+        tokens, position_ids, mask, labels = h.batch()
+        out["loss_shape"] = tuple(model(tokens, position_ids, mask, labels=labels).shape)
+    return out
+
+
+def _build_from_args(rank, world_size, flags, settings, config_overrides, stages):
+    from polycom_megatron.training.pretrain import model_from_args
+
+    h.init_parallel(h.Layout())
+    config = h.transformer_config(h.Layout(), **config_overrides)
+    args = megatron_args(*flags, **settings)
+    results = {}
+    for pre, post in stages:
+        torch.manual_seed(h.SEED)
+        results[(pre, post)] = _describe(model_from_args(args, config, pre, post))
+    return results
+
+
+def build_from_args(flags=(), settings=None, config_overrides=None, stages=((True, True),)):
+    return run_distributed(
+        _build_from_args, 1, tuple(flags), settings or {}, config_overrides or {}, stages,
+        timeout_s=180,
+    )
+
+
+def test_provider_builds_polycom_mlps_from_the_flags():
+    stages = ((True, True), (True, False), (False, True))
+    built = build_from_args(
+        ["--polycom-activation", "polynorm", "--polycom-order", "2"], stages=stages
+    )
+    full = built[(True, True)]
+    assert full["mlp"] == ["PolyComMLP", "PolyComMLP"]
+    assert all("polynorm" in a and "order=2" in a for a in full["activation"]), full["activation"]
+    assert full["output_rows"] == h.VOCAB
+    assert full["loss_shape"] == (h.BATCH, h.SEQ)
+    # Pipeline stages: the first has the embedding only, the last the output layer only.
+    assert built[(True, False)]["has_embedding"] and not built[(True, False)]["has_output_layer"]
+    assert built[(False, True)]["has_output_layer"] and not built[(False, True)]["has_embedding"]
+
+
+def test_provider_without_polycom_builds_the_stock_mlp():
+    full = build_from_args(["--polycom-activation", "none"])[(True, True)]
+    assert full["mlp"] == ["MLP", "MLP"]
+    assert not any("PolyCom" in name for name in full["module_types"])
+    assert full["loss_shape"] == (h.BATCH, h.SEQ)
+
+
+def test_provider_builds_polycom_experts_for_moe():
+    moe = dict(
+        num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=24,
+        moe_token_dispatcher_type="allgather",
+    )
+    full = build_from_args(["--polycom-activation", "polyrelu"], config_overrides=moe)[(True, True)]
+    assert full["mlp"] == ["MoELayer", "MoELayer"]
+    assert any(name.startswith("PolyCom") and "MLP" in name for name in full["module_types"])
+    assert full["loss_shape"] == (h.BATCH, h.SEQ)
+
+
+# --------------------------------------------------------------------------------------
+# Shared forward-step pieces (common.py)
+# --------------------------------------------------------------------------------------
+
+
+def test_loss_func_sums_masked_token_losses_for_megatrons_schedule():
+    from polycom_megatron.training.common import loss_func
+
+    losses = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    loss, num_tokens, report = loss_func(mask, losses)
+    assert loss.item() == 8.0 and num_tokens.item() == 3
+    assert report["lm loss"].tolist() == [8.0, 3.0]
+    loss.backward()
+    assert losses.grad.tolist() == mask.tolist()  # masked tokens get no gradient
+
+
+def _get_batch_one_rank(rank, world_size, with_mask):
+    from polycom_megatron.training.common import BatchShape, get_batch
+
+    h.init_parallel(h.Layout())
+    tokens, position_ids, mask, labels = h.batch()
+    sample = dict(tokens=tokens, labels=labels, position_ids=position_ids,
+                  loss_mask=torch.ones(h.BATCH, h.SEQ), attention_mask=mask)
+    return get_batch(iter([sample]), BatchShape(h.BATCH, h.SEQ, with_mask)), sample
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_get_batch_hands_a_single_stage_everything_it_needs(with_mask):
+    batch, sample = run_distributed(_get_batch_one_rank, 1, with_mask, timeout_s=180)
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        assert torch.equal(batch[key], sample[key])
+    if with_mask:
+        assert torch.equal(batch["attention_mask"], sample["attention_mask"])
+    else:
+        assert batch["attention_mask"] is None
