@@ -93,6 +93,19 @@ def matched_ffn_hidden_size(swiglu_ffn_hidden_size: int, multiple_of: int = 1) -
     return -(-width // multiple_of) * multiple_of
 
 
+def gated_unit_conflict(flag: str, activation: str, ffn_hidden_size: Optional[int] = None) -> str:
+    """The error for a gated-unit flag (--swiglu, --quick-geglu) combined with PolyCom."""
+    width = (
+        f"--ffn-hidden-size {matched_ffn_hidden_size(ffn_hidden_size)} (1.5x {ffn_hidden_size})"
+        if ffn_hidden_size
+        else "a 1.5x --ffn-hidden-size (e.g. SwiGLU 5504 -> PolyCom 8256)"
+    )
+    return (
+        f"{flag} cannot be combined with --polycom-activation {activation}: PolyCom replaces "
+        f"the gated linear unit. Drop {flag} and use {width} for the same parameter count."
+    )
+
+
 def add_polycom_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``--polycom-*`` flags to a Megatron-style argument parser.
 

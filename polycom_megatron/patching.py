@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from polycom_megatron.config import PolyComConfig, add_polycom_args, matched_ffn_hidden_size
+from polycom_megatron.config import PolyComConfig, add_polycom_args, gated_unit_conflict
 
 # megatron-core (major, minor) -> the Megatron-LM tag its patch was generated against.
 # Patch releases of one minor version share a patch (see patches/README.md).
@@ -301,13 +301,8 @@ def check_args(args) -> None:
     """Refuse Megatron flags that contradict a PolyCom activation, saying what to use."""
     if getattr(args, "swiglu", False) or getattr(args, "quick_geglu", False):
         flag = "--swiglu" if getattr(args, "swiglu", False) else "--quick-geglu"
-        width = getattr(args, "ffn_hidden_size", None)
-        advice = (f"--ffn-hidden-size {matched_ffn_hidden_size(width)} (1.5x {width})"
-                  if width else "a 1.5x --ffn-hidden-size")
-        raise SystemExit(
-            f"--polycom-activation {args.polycom_activation} replaces the gated MLP: drop "
-            f"{flag} and use {advice} to keep the parameter count."
-        )
+        raise SystemExit(gated_unit_conflict(
+            flag, args.polycom_activation, getattr(args, "ffn_hidden_size", None)))
     if getattr(args, "squared_relu", False):
         raise SystemExit(
             f"--squared-relu and --polycom-activation {args.polycom_activation} both choose "

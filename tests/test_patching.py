@@ -288,8 +288,8 @@ def test_layer_spec_hook_converts_the_mlp_and_turns_off_bias_fusion():
 
 @pytest.mark.parametrize(
     "flag, message",
-    [("swiglu", "drop --swiglu and use --ffn-hidden-size 288 (1.5x 192)"),
-     ("quick_geglu", "drop --quick-geglu"),
+    [("swiglu", "Drop --swiglu and use --ffn-hidden-size 288 (1.5x 192)"),
+     ("quick_geglu", "Drop --quick-geglu"),
      ("squared_relu", "--squared-relu and --polycom-activation polynorm"),
      ("mtp_num_layers", "--mtp-num-layers")],
 )

@@ -40,6 +40,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from polycom_megatron.bench import parse_choices
+
 OPS = ("polynorm", "polyrelu")
 IMPLS = ("naive", "torch", "compile", "triton", "liger")
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -70,16 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-flush", action="store_true", help="do not flush L2 between reps")
     p.add_argument("--json", help="write all results and the environment here")
     return p.parse_args(argv)
-
-
-def _csv(text: str, allowed, what: str):
-    items = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [x for x in items if x not in allowed]
-    if bad or not items:
-        raise SystemExit(
-            f"--{what}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}"
-        )
-    return items
 
 
 def _ints(text: Optional[str], default) -> tuple:
@@ -335,8 +327,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    ops = _csv(args.ops, OPS, "ops")
-    impls = _csv(args.impls, IMPLS, "impls")
+    ops = parse_choices(args.ops, OPS, "ops")
+    impls = parse_choices(args.impls, IMPLS, "impls")
     rows_list = _ints(args.rows, DEFAULT_ROWS if cuda else CPU_ROWS)
     cols_list = _ints(args.cols, DEFAULT_COLS if cuda else CPU_COLS)
     dtype = DTYPES[args.dtype]

@@ -42,6 +42,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from polycom_megatron.bench import parse_choices
 from polycom_megatron.bench import flops as F
 from polycom_megatron.config import matched_ffn_hidden_size
 
@@ -206,18 +207,6 @@ def parse_args(argv) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _csv(text: Optional[str], allowed, what: str) -> Optional[Tuple[str, ...]]:
-    if text is None:
-        return None
-    items = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [x for x in items if x not in allowed]
-    if bad or not items:
-        raise SystemExit(
-            f"--{what}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}"
-        )
-    return items
-
-
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -237,12 +226,12 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     notes.append(f"shapes: preset '{preset.name}' ({preset.description})")
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
 
-    acts = _csv(args.activations, F.ACTIVATIONS, "activations")
+    acts = parse_choices(args.activations, F.ACTIVATIONS, "activations")
     layer_acts = acts or F.ACTIVATIONS
     # GELU is a layer-level reference; the model comparison is PolyCom vs SwiGLU unless asked.
     model_acts = acts or ("swiglu", "polyrelu", "polynorm")
 
-    kernels = _csv(args.kernels, KERNEL_CHOICES, "kernels")
+    kernels = parse_choices(args.kernels, KERNEL_CHOICES, "kernels")
     if kernels is None:
         kernels = KERNEL_CHOICES if cuda else ("torch", "compile")
         if not cuda:

@@ -34,7 +34,7 @@ import warnings
 from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
-from polycom_megatron.config import PolyComConfig, add_polycom_args
+from polycom_megatron.config import PolyComConfig, add_polycom_args, gated_unit_conflict
 
 # As Megatron-LM's pretrain_gpt.py: the tokenizer type when --tokenizer-type is not given.
 ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}
@@ -99,11 +99,7 @@ def prepare_argv(argv: Sequence[str]) -> Tuple[List[str], Optional[PolyComConfig
         return list(argv), None
     glu = [flag for flag in GLU_FLAGS if getattr(known, flag[2:].replace("-", "_"))]
     if glu:
-        raise ValueError(
-            f"{glu[0]} cannot be combined with --polycom-activation {polycom.activation}: "
-            "PolyCom replaces the gated linear unit. Drop it and widen --ffn-hidden-size "
-            "1.5x for the same parameter count (e.g. SwiGLU 5504 -> PolyCom 8256)."
-        )
+        raise ValueError(gated_unit_conflict(glu[0], polycom.activation))
     missing = [flag for flag in NO_FUSION_FLAGS if flag not in argv]
     if missing:
         print(
