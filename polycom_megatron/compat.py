@@ -91,3 +91,21 @@ def build_submodule(spec_or_builder, **kwargs):
     if isinstance(spec_or_builder, ModuleSpec):
         return build_module(spec_or_builder, **kwargs)
     return spec_or_builder(**kwargs)
+
+
+# --- MoE experts -------------------------------------------------------------------------
+# megatron-core 0.17 removed the legacy GroupedMLP and its grouped_gemm wrapper module.
+
+
+def legacy_grouped_mlp():
+    """megatron-core's legacy ``GroupedMLP`` class (<= 0.16), or None."""
+    from megatron.core.transformer.moe import experts
+
+    return getattr(experts, "GroupedMLP", None)
+
+
+def legacy_grouped_gemm():
+    """The ``grouped_gemm_util`` module the legacy GroupedMLP computes with (<= 0.16)."""
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    return grouped_gemm_util
