@@ -13,6 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from tolerance import close  # noqa: E402
+
 from polycom_megatron.ops import polynorm_triton as pt  # noqa: E402
 from polycom_megatron.ops.common import coeff_table, row_sets  # noqa: E402
 from polycom_megatron.ops.polynorm import (  # noqa: E402
@@ -34,17 +36,6 @@ if DEVICE.type == "cpu" and not pt.interpreted():
 
 # Output tolerance (relative to the largest reference value) per I/O dtype.
 OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
-
-
-def close(actual, expected, tol, what=""):
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
-    if expected.numel() == 0:
-        return
-    a, e = actual.double(), expected.double()
-    err = (a - e).abs().max().item()
-    scale = max(1.0, e.abs().max().item())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
 
 
 SMALL_PATHS = ["two_pass", "split"]

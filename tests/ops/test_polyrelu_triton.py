@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from tolerance import close  # noqa: E402
+
 from polycom_megatron.ops import polynorm_triton as pt  # noqa: E402
 from polycom_megatron.ops.common import row_sets  # noqa: E402
 from polycom_megatron.ops.polyrelu import (  # noqa: E402
@@ -40,17 +42,6 @@ def use_path(monkeypatch, path):
         monkeypatch.setattr(pt, "TILE", 64)
         programs = 1 if path == "two_pass" else 1024
         monkeypatch.setattr(pt, "target_programs", lambda device: programs)
-
-
-def close(actual, expected, tol, what=""):
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
-    if expected.numel() == 0:
-        return
-    a, e = actual.double(), expected.double()
-    err = (a - e).abs().max().item()
-    scale = max(1.0, e.abs().max().item())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
 
 
 def check_pieces(rows, n, order, dtype, experts=None, seed=0):
