@@ -10,8 +10,10 @@ meant for users too: debug a configuration on a laptop before spending GPU hours
 It changes process-wide state, so it refuses to run where CUDA is available: never call
 it in a real training process. Everything it changes is listed in this file.
 
-Known limits on CPU: the alltoall MoE token dispatcher passes split sizes as tensors,
-which gloo's ``all_to_all_single`` does not accept; use the ``allgather`` dispatcher.
+Known limits on CPU: use the ``allgather`` MoE token dispatcher. The alltoall dispatcher
+synchronises on CUDA events and passes split sizes as CPU tensors, which gloo's
+``all_to_all_single`` rejects; with expert-TP > 1 it also all-gathers uneven row counts,
+which gloo cannot do at all (NCCL can).
 Transformer Engine and apex are absent, so use the local spec (``use_te=False``).
 """
 
