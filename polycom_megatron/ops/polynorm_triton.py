@@ -290,15 +290,8 @@ def _pn_stats(x_ptr, g_ptr, out_ptr, rows, n, cols_per_split, row_blocks,
 
     DOTS=0: sums of x^(2p), p = 1..R (R columns). DOTS=1: sum g, sum g x^p (R + 1 columns).
     """
-    pid = tl.program_id(0)
-    pid_m = pid % row_blocks
-    pid_s = pid // row_blocks
-    r_idx = pid_m * BM + tl.arange(0, BM)
-    rmask = r_idx < rows
-    base = r_idx.to(tl.int64)[:, None] * n
+    pid_s, r_idx, rmask, base, c_lo, c_hi = _split_coords(rows, n, cols_per_split, row_blocks, BM)
     cols0 = tl.arange(0, BN)[None, :]
-    c_lo = pid_s * cols_per_split
-    c_hi = tl.minimum(c_lo + cols_per_split, n)
     zero = tl.zeros([BM, BN], dtype=tl.float32)
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
     for start in range(c_lo, c_hi, BN):
@@ -319,6 +312,20 @@ def _pn_stats(x_ptr, g_ptr, out_ptr, rows, n, cols_per_split, row_blocks,
     row_off = (pid_s.to(tl.int64) * rows + r_idx) * width
     tl.store(out_ptr + row_off[:, None] + (k - shift), t,
              mask=rmask[:, None] & (k >= shift) & (k <= R))
+
+
+@triton.jit
+def _split_coords(rows, n, cols_per_split, row_blocks, BM: tl.constexpr):
+    """A program of the (row blocks x column splits) grid: its split index, its BM rows
+    (index, mask, int64 row offsets) and its column range [c_lo, c_hi)."""
+    pid = tl.program_id(0)
+    pid_s = pid // row_blocks
+    r_idx = (pid % row_blocks) * BM + tl.arange(0, BM)
+    rmask = r_idx < rows
+    base = r_idx.to(tl.int64)[:, None] * n
+    c_lo = pid_s * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, n)
+    return pid_s, r_idx, rmask, base, c_lo, c_hi
 
 
 @triton.jit

@@ -21,7 +21,13 @@ import triton
 import triton.language as tl
 
 from polycom_megatron.ops import polynorm_triton as pt
-from polycom_megatron.ops.polynorm_triton import _accum, _coef_table, _tile_coords, _to_table
+from polycom_megatron.ops.polynorm_triton import (
+    _accum,
+    _coef_table,
+    _split_coords,
+    _tile_coords,
+    _to_table,
+)
 from polycom_megatron.ops.polyrelu import TorchPolyReLUKernels
 
 
@@ -43,15 +49,8 @@ def _pr_fwd(x_ptr, coeffs_ptr, sets_ptr, y_ptr, rows, n, col_blocks, R: tl.const
 def _pr_bwd(x_ptr, g_ptr, coeffs_ptr, sets_ptr, dx_ptr, part_ptr, rows, n, cols_per_split,
             row_blocks, R: tl.constexpr, HAS_SETS: tl.constexpr, BM: tl.constexpr,
             BN: tl.constexpr, KP: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_m = pid % row_blocks
-    pid_s = pid // row_blocks
-    r_idx = pid_m * BM + tl.arange(0, BM)
-    rmask = r_idx < rows
-    base = r_idx.to(tl.int64)[:, None] * n
+    pid_s, r_idx, rmask, base, c_lo, c_hi = _split_coords(rows, n, cols_per_split, row_blocks, BM)
     cols0 = tl.arange(0, BN)[None, :]
-    c_lo = pid_s * cols_per_split
-    c_hi = tl.minimum(c_lo + cols_per_split, n)
     c = _coef_table(coeffs_ptr, sets_ptr, r_idx, rmask, R, HAS_SETS, KP)
     k = tl.arange(0, KP)[None, :]
     zero = tl.zeros([BM, BN], dtype=tl.float32)

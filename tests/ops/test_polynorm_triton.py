@@ -13,10 +13,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from tolerance import close  # noqa: E402
+from kernel_checks import close, make_inputs as _make_inputs  # noqa: E402
 
 from polycom_megatron.ops import polynorm_triton as pt  # noqa: E402
-from polycom_megatron.ops.common import coeff_table, row_sets  # noqa: E402
+from polycom_megatron.ops.common import coeff_table  # noqa: E402
 from polycom_megatron.ops.polynorm import (  # noqa: E402
     PolyNormFunction,
     TorchPolyNormKernels,
@@ -42,6 +42,10 @@ SMALL_PATHS = ["two_pass", "split"]
 ALL_PATHS = ["default"] + SMALL_PATHS
 
 
+def make_inputs(rows, n, order, dtype, experts=None, seed=0):
+    return _make_inputs(rows, n, order, dtype, DEVICE, experts, seed)
+
+
 def use_path(monkeypatch, path):
     """Launch configuration; the small ones send widths > 32 through multi-block code."""
     if path != "default":
@@ -50,16 +54,6 @@ def use_path(monkeypatch, path):
         monkeypatch.setattr(pt, "TILE", 64)
         programs = 1 if path == "two_pass" else 1024
         monkeypatch.setattr(pt, "target_programs", lambda device: programs)
-
-
-def make_inputs(rows, n, order, dtype, experts=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, generator=gen).to(DEVICE, dtype)
-    dy = torch.randn(rows, n, generator=gen).to(DEVICE, dtype)
-    sets_count = 1 if experts is None else len(experts)
-    coeffs = (torch.randn(sets_count, order + 1, generator=gen) * 0.5).to(DEVICE)
-    sets = None if experts is None else row_sets(experts, sets_count, rows, DEVICE)
-    return x, dy, coeffs, sets
 
 
 def check_pieces(x, dy, coeffs, sets, order):

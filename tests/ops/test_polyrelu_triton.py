@@ -10,10 +10,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from tolerance import close  # noqa: E402
+from kernel_checks import close, make_inputs  # noqa: E402
 
 from polycom_megatron.ops import polynorm_triton as pt  # noqa: E402
-from polycom_megatron.ops.common import row_sets  # noqa: E402
 from polycom_megatron.ops.polyrelu import (  # noqa: E402
     TorchPolyReLUKernels,
     polyrelu,
@@ -45,12 +44,7 @@ def use_path(monkeypatch, path):
 
 
 def check_pieces(rows, n, order, dtype, experts=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, generator=gen).to(DEVICE, dtype)
-    dy = torch.randn(rows, n, generator=gen).to(DEVICE, dtype)
-    count = 1 if experts is None else len(experts)
-    coeffs = (torch.randn(count, order + 1, generator=gen) * 0.5).to(DEVICE)
-    sets = None if experts is None else row_sets(experts, count, rows, DEVICE)
+    x, dy, coeffs, sets = make_inputs(rows, n, order, dtype, DEVICE, experts, seed)
     tol = OUT_TOL[dtype]
     close(K.forward(x, coeffs, sets), T.forward(x, coeffs, sets), tol, "forward")
     dx, row_grads = K.backward(x, dy, coeffs, sets)
