@@ -64,14 +64,13 @@ def mlp_spec_parts(node):
     """``(module class, submodules, params)`` of a dense-MLP spec in either form, or None."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    if isinstance(node, ModuleSpec) and isinstance(node.module, type):
-        return node.module, node.submodules, dict(node.params or {})
-    if isinstance(node, functools.partial):
-        owner = _classmethod_owner(node.func, "as_mlp_submodule")
-        if owner is not None and not node.args:
-            params = dict(node.keywords)
-            return owner, params.pop("submodules", None), params
-    return None
+    parts = builder_parts(node)
+    if parts is None:
+        return None
+    if isinstance(node, ModuleSpec):
+        return parts if isinstance(parts[0], type) else None
+    owner = _classmethod_owner(parts[0], "as_mlp_submodule")
+    return None if owner is None else (owner, *parts[1:])
 
 
 def make_mlp_spec(module_cls, submodules, params):
@@ -91,6 +90,58 @@ def build_submodule(spec_or_builder, **kwargs):
     if isinstance(spec_or_builder, ModuleSpec):
         return build_module(spec_or_builder, **kwargs)
     return spec_or_builder(**kwargs)
+
+
+# --- MoE specs ---------------------------------------------------------------------------
+# Up to 0.16 the MoE layer, its experts and its shared experts are ModuleSpecs. From 0.17
+# the experts and shared experts are builders, ``functools.partial(cls, submodules=...)``,
+# which MoELayer calls with (num_local_experts, config, pg_collection=...) or (config=,
+# pg_collection=, gate=); from 0.18 the MoE layer itself is ``partial(MoELayer, ...)`` and
+# every builder also gets ``name=``. 0.19 builds shared experts through a function,
+# ``moe_module_specs._build_shared_experts``, that picks SharedExpertMLP or, with
+# ``use_grouped_gemm_for_shared_expert``, FusedSharedExpertMLP.
+
+
+def builder_parts(node):
+    """``(module, submodules, params)`` of ``ModuleSpec(module=...)`` or of
+    ``partial(module, submodules=..., **params)``; None for anything else."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(node, ModuleSpec):
+        return node.module, node.submodules, dict(node.params or {})
+    if isinstance(node, functools.partial) and not node.args:
+        params = dict(node.keywords)
+        return node.func, params.pop("submodules", None), params
+    return None
+
+
+def builder_like(node, module, submodules, params):
+    """A spec for ``module`` in the same form as ``node`` (ModuleSpec or partial)."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(node, ModuleSpec):
+        return dataclasses.replace(node, module=module, submodules=submodules, params=params)
+    if submodules is None:
+        return functools.partial(module, **params)
+    return functools.partial(module, submodules=submodules, **params)
+
+
+def shared_expert_builders() -> tuple:
+    """What a stock spec names for "a shared expert MLP": the class, and from 0.19 the
+    builder function that picks between it and FusedSharedExpertMLP."""
+    from megatron.core.models.gpt import moe_module_specs
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+    chooser = getattr(moe_module_specs, "_build_shared_experts", None)
+    return (SharedExpertMLP,) if chooser is None else (SharedExpertMLP, chooser)
+
+
+def name_kwarg(name) -> dict:
+    """``name=`` for Megatron module constructors, which take it from 0.18 (it is only
+    ever passed there), so that older releases never see the keyword."""
+    return {} if name is None else {"name": name}
 
 
 # --- MoE experts -------------------------------------------------------------------------

@@ -117,25 +117,25 @@ def add_polycom_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--polycom-activation",
         choices=("none",) + ACTIVATIONS,
         default="none",
-        help="Replace the MLP activation with PolyNorm or PolyReLU ('none' keeps Megatron's). "
+        help="Replace the MLP activation with PolyNorm or PolyReLU (default 'none' keeps Megatron's). "
         "Turn off --swiglu and use a 1.5x --ffn-hidden-size for matched parameters.",
     )
     group.add_argument(
-        "--polycom-order", type=int, default=defaults.order, help="Highest power r."
+        "--polycom-order", type=int, default=defaults.order, help="Highest power r (default: %(default)s)."
     )
     group.add_argument(
-        "--polycom-eps", type=float, default=defaults.eps, help="PolyNorm's epsilon."
+        "--polycom-eps", type=float, default=defaults.eps, help="PolyNorm's epsilon (default: %(default)s)."
     )
     group.add_argument(
         "--polycom-kernel",
         choices=KERNELS,
         default=defaults.kernel,
-        help="auto: Triton kernels on CUDA, PyTorch elsewhere; or force one.",
+        help="auto: Triton kernels on CUDA, PyTorch elsewhere; or force one (default: %(default)s).",
     )
     group.add_argument(
         "--polycom-coeff-mode",
         choices=COEFF_MODES,
         default=defaults.coeff_mode,
-        help="MoE: one coefficient set per layer (shared by experts) or one per expert.",
+        help="MoE: one coefficient set per layer (shared by experts) or one per expert (default: %(default)s).",
     )
     return parser

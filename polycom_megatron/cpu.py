@@ -127,6 +127,47 @@ def enable() -> None:
     _enabled = True
 
 
+def enable_megatron_training() -> None:
+    """``enable()``, and let Megatron-LM's own training loop (``megatron.training``) start
+    on the CPU: ``polycom-megatron pretrain --cpu``. Call after ``init_process_group()``:
+    Megatron then keeps the gloo group instead of creating its own.
+
+    On top of ``enable()``, for Megatron-LM's start-up (0.15 to 0.19), which
+    * asserts CUDA in ``initialize_megatron`` unless called with ``allow_no_cuda=True``;
+    * sets up model parallelism there only if ``torch.cuda.device_count() > 0`` (answered
+      with 1 during that call alone: torch itself must still see no GPU);
+    * reads the GPU generation while validating arguments (``get_device_arch_version``):
+      the CPU answers as a Hopper (9), so no Blackwell-only path is taken;
+    * compiles its legacy fused CUDA kernels (0.15-0.18), which a CPU run never calls.
+    """
+    enable()
+    from megatron.training import arguments, training
+
+    if getattr(training.initialize_megatron, "_polycom_cpu", False):
+        return
+    initialize_megatron = training.initialize_megatron
+
+    def initialize_on_cpu(*args, **kwargs):
+        real_device_count = torch.cuda.device_count
+        torch.cuda.device_count = lambda: 1
+        try:
+            return initialize_megatron(*args, **{**kwargs, "allow_no_cuda": True})
+        finally:
+            torch.cuda.device_count = real_device_count
+
+    initialize_on_cpu._polycom_cpu = True
+    training.initialize_megatron = initialize_on_cpu
+    arguments.get_device_arch_version = lambda: 9
+    try:
+        from megatron.legacy import fused_kernels
+    except ImportError:  # 0.19 dropped them
+        pass
+    else:
+        fused_kernels.load = lambda args: None
+    # Megatron asks for it with tensor/context parallelism before Blackwell.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
 def init_process_group(timeout_s: float = 300.0) -> None:
     """Initialise gloo from torchrun-style environment variables (RANK, WORLD_SIZE, ...)."""
     enable()

@@ -4,7 +4,7 @@ patched files call.
 ``polycom-megatron patch list | apply <dir> | check <dir>``. Each supported Megatron-LM
 release (megatron-core minor version) has one patch under ``patches/``. A patch only
 adds a handful of lines to ``pretrain_gpt.py`` (and ``gpt_builders.py`` up to 0.18): the
-lines call the three hooks at the bottom of this file, so what PolyCom does to a
+lines call the hooks at the bottom of this file, so what PolyCom does to a
 Megatron-LM run is written here, once, and tested here, not in five diffs.
 """
 
@@ -264,6 +264,41 @@ def polycom_args_provider(other=None):
     return provide
 
 
+def polycom_help(extra_args_provider, argv=None) -> None:
+    """On ``-h``/``--help``: print Megatron-LM's help with ``extra_args_provider``'s flags
+    (the ``--polycom-*`` group) and exit; otherwise do nothing.
+
+    Needed because Megatron-LM's in-process-restart wrapper parses the command line without
+    any extra provider before ``pretrain()`` does, and argparse exits on ``--help`` there,
+    so the stock help never lists flags a script adds. Call it before that wrapper.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" not in argv and "--help" not in argv:
+        return
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = argparse.ArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False)
+    parser = add_megatron_arguments(parser)
+    parser = extra_args_provider(parser) if extra_args_provider is not None else parser
+    _escape_bad_help_strings(parser)
+    parser.print_help()
+    raise SystemExit(0)
+
+
+def _escape_bad_help_strings(parser) -> None:
+    """Escape a bare ``%`` in help texts argparse cannot format. Megatron-LM 0.18 and 0.19
+    ship one (``--moe-paged-stash-buffer-size-factor-cuda``), which makes their stock
+    ``--help`` crash with "unsupported format character"."""
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.help:
+            continue
+        try:
+            formatter._expand_help(action)
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
+
+
 def polycom_layer_spec(spec, args, config):
     """The GPT layer/block spec ``gpt_builder`` built, on PolyCom when the flags ask for it.
 
@@ -275,7 +310,7 @@ def polycom_layer_spec(spec, args, config):
         return spec
     check_args(args)
     config.bias_activation_fusion = False
-    return _convert(spec, polycom, config)
+    return _convert(spec, polycom)
 
 
 def polycom_model_config(model_cfg, args) -> None:
@@ -292,7 +327,7 @@ def polycom_model_config(model_cfg, args) -> None:
     base = model_cfg.transformer_layer_spec
 
     def layer_spec(cfg, vp_stage=None):
-        return _convert(_resolve_spec(base, cfg, vp_stage), polycom, cfg.transformer)
+        return _convert(_resolve_spec(base, cfg, vp_stage), polycom)
 
     model_cfg.transformer_layer_spec = layer_spec
 
@@ -333,65 +368,22 @@ def _resolve_spec(base, cfg, vp_stage):
     return base
 
 
-def _convert(spec, polycom, config):
+def _convert(spec, polycom):
     from polycom_megatron.specs import with_polycom
 
-    converted = with_polycom(spec, polycom)
-    left = unconverted_mlps(converted, config)
-    if left:
-        raise SystemExit(
-            "--polycom-activation is set, but these MLPs in the layer spec were not converted "
-            f"to PolyCom: {', '.join(sorted(set(left)))}. This polycom-megatron does not know "
-            "how to rewrite them for this Megatron release."
-        )
+    import torch.distributed as dist
+
+    from polycom_megatron.specs import stock_mlps
+
+    try:
+        converted = with_polycom(spec, polycom)
+    except ValueError as exc:
+        raise SystemExit(f"--polycom-activation {polycom.activation}: {exc}") from None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        # So that a training log says the patch took effect.
+        print(f"polycom-megatron: {polycom.activation} (order {polycom.order}) in place of "
+              f"{', '.join(stock_mlps(spec)) or 'no MLP'}", flush=True)
     return converted
-
-
-def unconverted_mlps(spec, config=None) -> list:
-    """Names of stock Megatron MLP and expert classes still referenced in a spec tree
-    (ModuleSpecs, submodule dataclasses, lists, and the functools.partial builders of
-    megatron-core 0.18+). ``MoELayer`` itself may stay: its experts carry the activation.
-    MoE specs always name a shared-expert MLP; it only counts when ``config`` enables one.
-
-    A spec Megatron builds in a shape ``with_polycom`` does not know would otherwise pass
-    through unchanged and train with the stock activation without a word.
-    """
-    import dataclasses
-
-    from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.moe import experts
-    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
-
-    unused = () if getattr(config, "moe_shared_expert_intermediate_size", None) else (
-        SharedExpertMLP,)
-    stock = tuple(
-        cls for cls in (MLP, *(getattr(experts, name, None)
-                               for name in ("SequentialMLP", "TEGroupedMLP", "GroupedMLP")))
-        if cls is not None
-    )
-    found, seen = [], set()
-
-    def visit(node):
-        if id(node) in seen:
-            return
-        seen.add(id(node))
-        owner = getattr(node, "__self__", node)  # a bound classmethod such as as_mlp_submodule
-        if (isinstance(owner, type) and issubclass(owner, stock)
-                and not owner.__module__.startswith(MARKER)):
-            if owner not in unused:
-                found.append(owner.__name__)
-        elif isinstance(node, functools.partial):
-            for child in (node.func, *node.args, *node.keywords.values()):
-                visit(child)
-        elif isinstance(node, (list, tuple)):
-            for child in node:
-                visit(child)
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-            for field in dataclasses.fields(node):
-                visit(getattr(node, field.name))
-
-    visit(spec)
-    return found
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -43,7 +44,8 @@ def with_polycom(spec, polycom: PolyComConfig):
     """Copy of a GPT layer/block spec with every MLP (dense, expert, shared expert) on PolyCom."""
 
     def rewrite(node):
-        if isinstance(node, ModuleSpec) and node.module is MoELayer:
+        builder = compat.builder_parts(node)
+        if builder is not None and builder[0] is MoELayer:
             return polycom_moe_spec(node, polycom)
         parts = compat.mlp_spec_parts(node)
         if parts is None:
@@ -58,7 +60,53 @@ def with_polycom(spec, polycom: PolyComConfig):
             )
         return None
 
-    return _rewrite_spec(spec, rewrite)
+    converted = _rewrite_spec(spec, rewrite)
+    left = stock_mlps(converted)
+    if left:
+        # A spec shape this rewrite does not know would otherwise keep the stock
+        # activation and train without a word.
+        raise ValueError(
+            f"these MLPs in the layer spec were not converted to PolyCom: {', '.join(left)}. "
+            "polycom-megatron does not know how to rewrite them for this megatron-core "
+            "release; please report the spec."
+        )
+    return converted
+
+
+def stock_mlps(spec) -> list:
+    """Names of Megatron's own MLP and expert classes still in a spec tree (ModuleSpecs,
+    submodule dataclasses, lists, and the ``functools.partial`` builders of megatron-core
+    0.17+). ``MoELayer`` may stay: its experts carry the activation."""
+    classes = (MLP, SequentialMLP, TEGroupedMLP)  # SharedExpertMLP is an MLP
+    legacy = compat.legacy_grouped_mlp()
+    builders = (*compat.shared_expert_builders(), *((legacy,) if legacy is not None else ()))
+    found, seen = [], set()
+
+    def is_stock(node) -> bool:
+        if any(node is builder for builder in builders):
+            return True
+        return (isinstance(node, type) and issubclass(node, classes)
+                and not node.__module__.startswith("polycom_megatron"))
+
+    def visit(node):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        owner = getattr(node, "__self__", node)  # a bound classmethod such as as_mlp_submodule
+        if is_stock(owner):
+            found.append(owner.__name__)
+        elif isinstance(node, functools.partial):
+            for child in (node.func, *node.args, *node.keywords.values()):
+                visit(child)
+        elif isinstance(node, (list, tuple)):
+            for child in node:
+                visit(child)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for field in dataclasses.fields(node):
+                visit(getattr(node, field.name))
+
+    visit(spec)
+    return sorted(set(found))
 
 
 def with_local_norms(spec):

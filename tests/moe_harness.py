@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import zlib
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import gpt_harness as h
+from polycom_megatron import compat
 
 # A small MoE GPT: layer 0 dense, layer 1 MoE with 4 experts (top-2) and a shared expert.
 MOE = dict(
@@ -266,14 +268,26 @@ def reference_grouped_gemm():
     return types.SimpleNamespace(ops=types.SimpleNamespace(gmm=_reference_gmm))
 
 
+# megatron-core <= 0.16 has a grouped experts backend that runs without Transformer
+# Engine (the legacy GroupedMLP); from 0.17 --moe-grouped-gemm without TE means the
+# per-expert loop, and TEGroupedMLP needs TE and CUDA.
+HAS_LEGACY_GROUPED = compat.legacy_grouped_mlp() is not None
+needs_legacy_grouped = pytest.mark.skipif(
+    not HAS_LEGACY_GROUPED,
+    reason="this megatron-core has no grouped experts backend without Transformer Engine",
+)
+
+
 def use_reference_grouped_gemm() -> None:
-    """Let megatron-core's legacy GroupedMLP run on CPU.
+    """Let megatron-core's legacy GroupedMLP run on CPU (where it exists, see above).
 
     It calls ``grouped_gemm.ops.gmm``, a CUDA extension (bf16 only) that cannot be built
     or run here; this puts a PyTorch reference of the same function in its place, so
     everything around the kernel (our forward, per-expert coefficients, moe_act
     recompute, checkpoint layout) runs for real."""
-    from megatron.core.transformer.moe import grouped_gemm_util as gg
+    if not HAS_LEGACY_GROUPED:
+        return
+    gg = compat.legacy_grouped_gemm()
 
     gg.grouped_gemm = reference_grouped_gemm()
     gg.ops = gg.grouped_gemm.ops

@@ -11,7 +11,6 @@ POLYCOM_MEGATRON_LM_TREES to a folder of Megatron-LM checkouts to repeat that he
 import argparse
 import dataclasses
 import functools
-import os
 import re
 import shutil
 from pathlib import Path
@@ -19,7 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 
+import megatron_lm
 from polycom_megatron import patching
+from polycom_megatron.specs import stock_mlps
 
 HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 EXPECTED_FILES = {
@@ -141,7 +142,7 @@ def test_patch_is_a_wellformed_minimal_diff_calling_our_hooks(key):
     # Minimal: only Megatron's extra_args_provider line is replaced; everything else is added.
     assert [r.strip() for r in removed] == [
         "extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,"]
-    assert len(added) <= 8
+    assert len(added) <= 10
     hooks = {name: list(HOOKS[name]) for name in files}
     if key >= (0, 19):
         hooks["pretrain_gpt.py"].append("polycom_model_config")
@@ -209,13 +210,11 @@ def test_refuses_a_modified_tree_and_leaves_it_untouched(tmp_path, capsys):
     assert "already mention polycom_megatron" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not os.environ.get("POLYCOM_MEGATRON_LM_TREES"),
-                    reason="set POLYCOM_MEGATRON_LM_TREES to a folder of Megatron-LM checkouts")
+@megatron_lm.needs_trees
 def test_real_release_trees(tmp_path):
-    trees = [p.parents[2] for p in Path(os.environ["POLYCOM_MEGATRON_LM_TREES"]).glob(
-        f"*/{patching.PACKAGE_INFO}")]
-    assert trees, "no Megatron-LM checkouts found"
-    for tree in trees:
+    """Each patch applies to its release, and the patched pretrain_gpt.py --help lists the
+    --polycom-* flags (the stock one exits in Megatron's in-process-restart wrapper first)."""
+    for tree in megatron_lm.trees():
         key = patching.resolve(tree)
         copy = tmp_path / tree.name
         for name in [*patching.patched_files(patching.patch_path(key)), str(patching.PACKAGE_INFO)]:
@@ -224,6 +223,12 @@ def test_real_release_trees(tmp_path):
         assert patching.state(copy, key) == "unpatched", tree
         patching.apply(copy)
         assert patching.state(copy, key) == "patched", tree
+        # The patched files come first (the script's folder), the rest from the tree.
+        shown = megatron_lm.run_python(tree, [copy / "pretrain_gpt.py", "--help"], cwd=tmp_path)
+        assert shown.returncode == 0, (tree, shown.stderr[-3000:])
+        for flag in ("--polycom-activation", "--polycom-order", "--polycom-eps",
+                     "--polycom-kernel", "--polycom-coeff-mode", "--num-layers"):
+            assert flag in shown.stdout, (tree, flag)
 
 
 # --- the hooks, with the installed megatron-core ----------------------------------------
@@ -250,6 +255,23 @@ def local_layer_spec():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec()
+
+
+def test_help_hook_does_nothing_without_a_help_flag():
+    # Returns before importing megatron.training, which is not installed here.
+    assert patching.polycom_help(patching.polycom_args_provider(), ["--num-layers", "2"]) is None
+
+
+def test_help_strings_argparse_cannot_format_are_escaped():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--factor", help="stash 10% more (default: %(default)s)")
+    parser.add_argument("--fine", default=3, help="a plain one (default: %(default)s)")
+    with pytest.raises(ValueError):
+        parser.format_help()
+    patching._escape_bad_help_strings(parser)
+    text = " ".join(parser.format_help().split())
+    assert "stash 10% more (default: %(default)s)" in text  # escaped whole, not formatted
+    assert "a plain one (default: 3)" in text
 
 
 def test_args_provider_adds_flags_and_chains_the_other_provider():
@@ -281,8 +303,8 @@ def test_layer_spec_hook_converts_the_mlp_and_turns_off_bias_fusion():
     converted = patching.polycom_layer_spec(
         spec, megatron_args("--polycom-activation", "polynorm"), config)
     assert converted.submodules.mlp.module is PolyComMLP
-    assert patching.unconverted_mlps(spec) == ["MLP"]
-    assert patching.unconverted_mlps(converted) == []
+    assert stock_mlps(spec) == ["MLP"]
+    assert stock_mlps(converted) == []
     assert config.bias_activation_fusion is False
 
 
@@ -308,21 +330,10 @@ def test_specs_it_cannot_convert_fail_loudly():
     spec = local_layer_spec()
     builder = functools.partial(MLP, submodules=spec.submodules.mlp.submodules)
     unknown = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=builder))
-    assert patching.unconverted_mlps(unknown) == ["MLP"]
+    assert stock_mlps(unknown) == ["MLP"]
     with pytest.raises(SystemExit, match="were not converted to PolyCom: MLP"):
         patching.polycom_layer_spec(unknown, megatron_args("--polycom-activation", "polynorm"),
                                     transformer_config())
-
-
-def test_shared_expert_counts_only_when_configured():
-    from megatron.core.transformer.mlp import MLPSubmodules
-    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    spec = [ModuleSpec(module=SharedExpertMLP, submodules=MLPSubmodules())]
-    assert patching.unconverted_mlps(spec, SimpleNamespace()) == []
-    configured = SimpleNamespace(moe_shared_expert_intermediate_size=128)
-    assert patching.unconverted_mlps(spec, configured) == ["SharedExpertMLP"]
 
 
 def test_model_config_hook_for_megatron_lm_019():

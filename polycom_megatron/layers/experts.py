@@ -30,6 +30,7 @@ from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from polycom_megatron import compat
 from polycom_megatron.config import PolyComConfig
 from polycom_megatron.layers.activation import PolyComActivation
 from polycom_megatron.layers.grouped_experts import (
@@ -71,7 +72,9 @@ class PolyComSequentialMLP(SequentialMLP):
     "layer" mode: the experts module holds one ``ExpertActivation`` and each expert calls it.
     """
 
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None, *, polycom):
+    def __init__(
+        self, num_local_experts, config, submodules, pg_collection=None, name=None, *, polycom
+    ):
         check_moe_config(config, polycom)
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
@@ -100,13 +103,14 @@ class PolyComSequentialMLP(SequentialMLP):
         expert_submodules = dataclasses.replace(submodules, activation_func=activation)
 
         self.local_experts = torch.nn.ModuleList()
-        for _ in range(num_local_experts):
+        for index in range(num_local_experts):
             expert = PolyComMLP(
                 self.config,
                 expert_submodules,
                 ffn_hidden_size=self.config.moe_ffn_hidden_size,
                 is_expert=True,
                 tp_group=pg_collection.expt_tp,
+                **compat.name_kwarg(name and f"{name}.local_experts.{index}"),
             )
             if self.activation_func is None:
                 for param in expert.activation_func.parameters():
@@ -137,68 +141,73 @@ class PolyComSharedExpertMLP(SharedExpertMLP):
 
     It is sharded over the dense TP group, so its activation reduces over that group."""
 
-    def __init__(self, config, submodules, gate, pg_collection=None):
+    def __init__(self, config, submodules, gate, pg_collection=None, name=None):
         check_transformer_config(config)
+        if getattr(config, "use_grouped_gemm_for_shared_expert", False):
+            raise ValueError(
+                "--use-grouped-gemm-for-shared-expert (use_grouped_gemm_for_shared_expert) "
+                "selects Megatron's FusedSharedExpertMLP, which has no PolyCom version: drop "
+                "it for PolyCom shared experts."
+            )
         plain = dataclasses.replace(submodules, activation_func=None)
-        super().__init__(config, plain, gate, pg_collection=pg_collection)
+        super().__init__(
+            config, plain, gate, pg_collection=pg_collection, **compat.name_kwarg(name)
+        )
         self.activation_func = build_module(
             submodules.activation_func, config=self.config, tp_group=self.tp_group
         )
 
 
-def _routed_experts_spec(spec, polycom: PolyComConfig) -> ModuleSpec:
-    module = spec.module if isinstance(spec, ModuleSpec) else spec
-    submodules = spec.submodules if isinstance(spec, ModuleSpec) else None
-    if module in (SequentialMLP, PolyComSequentialMLP):
-        return ModuleSpec(
-            module=PolyComSequentialMLP,
-            params={"polycom": polycom},
-            submodules=dataclasses.replace(submodules, activation_func=None),
-        )
-    if module in (TEGroupedMLP, PolyComTEGroupedMLP):
-        return ModuleSpec(
-            module=PolyComTEGroupedMLP,
-            params={"polycom": polycom},
-            submodules=dataclasses.replace(submodules, activation_func=None),
-        )
+def _routed_experts_spec(spec, polycom: PolyComConfig):
+    module, submodules, params = compat.builder_parts(spec) or (spec, None, {})
+    params = {**params, "polycom": polycom}
     if LegacyGroupedMLP is not None and module in (LegacyGroupedMLP, PolyComGroupedMLP):
-        return ModuleSpec(module=PolyComGroupedMLP, params={"polycom": polycom})
-    raise ValueError(
-        f"PolyCom has no version of the MoE experts module {getattr(module, '__name__', module)}; "
-        "use SequentialMLP (--moe-grouped-gemm off), TEGroupedMLP (--moe-grouped-gemm with "
-        "Transformer Engine) or the legacy GroupedMLP."
-    )
+        return compat.builder_like(spec, PolyComGroupedMLP, None, params)  # no submodules
+    polycom_module = {
+        SequentialMLP: PolyComSequentialMLP,
+        PolyComSequentialMLP: PolyComSequentialMLP,
+        TEGroupedMLP: PolyComTEGroupedMLP,
+        PolyComTEGroupedMLP: PolyComTEGroupedMLP,
+    }.get(module)
+    if polycom_module is None or submodules is None:
+        raise ValueError(
+            f"PolyCom has no version of the MoE experts module "
+            f"{getattr(module, '__name__', module)}; use SequentialMLP (--moe-grouped-gemm "
+            "off), TEGroupedMLP (--moe-grouped-gemm with Transformer Engine) or the legacy "
+            "GroupedMLP."
+        )
+    submodules = dataclasses.replace(submodules, activation_func=None)
+    return compat.builder_like(spec, polycom_module, submodules, params)
 
 
 def _shared_experts_spec(spec, polycom: PolyComConfig):
     if spec is None:
         return None
-    module = spec.module if isinstance(spec, ModuleSpec) else spec
-    if module not in (SharedExpertMLP, PolyComSharedExpertMLP):
+    module, submodules, params = compat.builder_parts(spec) or (spec, None, {})
+    if module is not PolyComSharedExpertMLP and module not in compat.shared_expert_builders():
         raise ValueError(
             f"PolyCom has no version of the shared-experts module "
             f"{getattr(module, '__name__', module)}; expected SharedExpertMLP."
         )
-    submodules = spec.submodules if isinstance(spec, ModuleSpec) else MLPSubmodules()
-    return ModuleSpec(
-        module=PolyComSharedExpertMLP,
-        params=dict(spec.params or {}) if isinstance(spec, ModuleSpec) else {},
-        submodules=dataclasses.replace(submodules, activation_func=_activation_spec(polycom)),
+    submodules = dataclasses.replace(
+        submodules or MLPSubmodules(), activation_func=_activation_spec(polycom)
     )
+    return compat.builder_like(spec, PolyComSharedExpertMLP, submodules, params)
 
 
-def polycom_moe_spec(moe_spec: ModuleSpec, polycom: PolyComConfig) -> ModuleSpec:
-    """A ``MoELayer`` spec -> the same layer with PolyCom routed and shared experts.
+def polycom_moe_spec(moe_spec, polycom: PolyComConfig):
+    """A ``MoELayer`` spec (a ModuleSpec, or from 0.18 a ``partial(MoELayer, ...)``) -> the
+    same layer with PolyCom routed and shared experts, in the same form.
 
     The router and the rest of the spec are kept; applying it twice only updates
     ``polycom``.
     """
-    if moe_spec.module is not MoELayer:
-        raise ValueError(f"expected a MoELayer spec, got {moe_spec.module!r}")
-    sub = moe_spec.submodules
+    module, sub, params = compat.builder_parts(moe_spec) or (moe_spec, None, {})
+    if module is not MoELayer:
+        raise ValueError(f"expected a MoELayer spec, got {moe_spec!r}")
     new_sub = dataclasses.replace(
         sub,
         experts=_routed_experts_spec(sub.experts, polycom),
         shared_experts=_shared_experts_spec(sub.shared_experts, polycom),
     )
-    return dataclasses.replace(moe_spec, submodules=new_sub)
+    return compat.builder_like(moe_spec, MoELayer, new_sub, params)

@@ -349,9 +349,14 @@ class _GroupedPolyCom:
 class PolyComTEGroupedMLP(_GroupedPolyCom, TEGroupedMLP):
     """Transformer Engine grouped experts with PolyCom between the grouped fc1 and fc2."""
 
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None, *, polycom):
+    def __init__(
+        self, num_local_experts, config, submodules, pg_collection=None, name=None, *, polycom
+    ):
         check_moe_config(config, polycom)
-        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        super().__init__(
+            num_local_experts, config, submodules, pg_collection=pg_collection,
+            **compat.name_kwarg(name),
+        )
         self._init_polycom(polycom, pg_collection)
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):

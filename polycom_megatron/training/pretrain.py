@@ -31,6 +31,7 @@ import inspect
 import json
 import sys
 import warnings
+from collections import Counter
 from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
@@ -62,7 +63,10 @@ No GPU? `polycom-megatron train-cpu` trains a small PolyCom model with megatron-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        argv, on_cpu = split_launcher_args(argv)
         megatron_argv, polycom = prepare_argv(argv)
+        if on_cpu:
+            megatron_argv = cpu_argv(megatron_argv)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +75,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as exc:
         print(MISSING_MEGATRON_TRAINING.format(reason=exc), file=sys.stderr)
         return 2
+
+    from polycom_megatron.patching import polycom_help
+
+    # Before Megatron's in-process-restart wrapper, which answers --help without our flags.
+    polycom_help(lambda parser: add_launcher_args(add_polycom_args(parser)), megatron_argv)
+    if on_cpu:
+        from polycom_megatron import cpu
+
+        cpu.init_process_group()
+        cpu.enable_megatron_training()
     try:
         _run_megatron_pretrain(megatron_argv)
     except UnsupportedSettings as exc:
@@ -82,6 +96,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 # --------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The launcher's own options (Megatron never sees them)."""
+    group = parser.add_argument_group(title="polycom-megatron pretrain")
+    group.add_argument(
+        "--cpu",
+        action="store_true",
+        help="Run Megatron-LM's training loop on the CPU with gloo ranks (torchrun "
+        "--nproc-per-node N for N ranks), to debug a configuration without a GPU. Adds "
+        + " ".join(" ".join(flag) for flag in CPU_FLAGS) + " where missing.",
+    )
+    return parser
+
+
+def split_launcher_args(argv: Sequence[str]) -> Tuple[List[str], bool]:
+    """(the arguments without the launcher's own options, whether --cpu was given)."""
+    known, _ = add_launcher_args(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
+    return [arg for arg in argv if arg != "--cpu"], known.cpu
+
+
+# What Megatron-LM needs to start without CUDA: no Transformer Engine, no fused CUDA
+# kernels, weights initialised on the CPU, gloo.
+CPU_FLAGS = (
+    ("--transformer-impl", "local"),
+    ("--distributed-backend", "gloo"),
+    ("--use-cpu-initialization",),
+    ("--no-gradient-accumulation-fusion",),
+    ("--no-masked-softmax-fusion",),
+    ("--no-rope-fusion",),
+    ("--no-persist-layer-norm",),
+)
+
+
+def cpu_argv(argv: Sequence[str]) -> List[str]:
+    """``argv`` completed with ``CPU_FLAGS``; a contradicting value is refused."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag, *value in CPU_FLAGS:
+        parser.add_argument(flag, **({} if value else {"action": "store_true"}))
+    given, _ = parser.parse_known_args(list(argv))
+    added = []
+    for flag, *value in CPU_FLAGS:
+        current = getattr(given, flag[2:].replace("-", "_"))
+        if not value:
+            added += [] if current else [flag]
+        elif current is None:
+            added += [flag, value[0]]
+        elif current != value[0]:
+            raise ValueError(
+                f"--cpu runs without CUDA and needs {flag} {value[0]}, not {current}: "
+                f"drop {flag} or --cpu."
+            )
+    if added:
+        print(f"note: --cpu: added {' '.join(added)}", flush=True)
+    return list(argv) + added
 
 
 def prepare_argv(argv: Sequence[str]) -> Tuple[List[str], Optional[PolyComConfig]]:
@@ -192,7 +261,20 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     print_rank_0("building GPT model (polycom_megatron) ...")
     if config is None:
         config = _megatron_transformer_config(args)
-    return model_from_args(args, config, pre_process, post_process, vp_stage)
+    model = model_from_args(args, config, pre_process, post_process, vp_stage)
+    print_rank_0(f"> decoder MLPs: {describe_mlps(model)}")
+    return model
+
+
+def describe_mlps(model) -> str:
+    """The decoder layers' MLP classes (with the experts class for MoE layers), counted,
+    so that a training log says which activation trained."""
+    names = []
+    for layer in model.decoder.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        inner = f"[{type(experts).__name__}]" if experts is not None else ""
+        names.append(type(layer.mlp).__name__ + inner)
+    return ", ".join(f"{count} x {name}" for name, count in Counter(names).items())
 
 
 # --------------------------------------------------------------------------------------

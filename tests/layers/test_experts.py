@@ -49,6 +49,13 @@ def _moe_config(**overrides):
     return h.transformer_config(h.Layout(), **{**mh.MOE, **overrides})
 
 
+def _parts(spec):
+    """(module, submodules, params) of a spec in any release's form."""
+    from polycom_megatron import compat
+
+    return compat.mlp_spec_parts(spec) or compat.builder_parts(spec)
+
+
 def test_moe_spec_keeps_layer_and_router_and_swaps_experts():
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -64,36 +71,84 @@ def test_moe_spec_keeps_layer_and_router_and_swaps_experts():
     polycom = PolyComConfig(coeff_mode="expert")
     base = get_moe_module_spec(use_te=False, num_experts=4, moe_grouped_gemm=False)
     spec = polycom_moe_spec(base, polycom)
-    assert spec.module is MoELayer and spec.metainfo == base.metainfo
-    assert spec.submodules.router is base.submodules.router
-    experts, shared = spec.submodules.experts, spec.submodules.shared_experts
-    assert experts.module is PolyComSequentialMLP and experts.params == {"polycom": polycom}
-    assert experts.submodules.linear_fc1 is base.submodules.experts.submodules.linear_fc1
-    assert shared.module is PolyComSharedExpertMLP
-    assert shared.submodules.activation_func.module is PolyComActivation
-    assert shared.submodules.activation_func.params == {"polycom": polycom}
+    assert type(spec) is type(base)  # a ModuleSpec up to 0.17, a partial builder from 0.18
+    module, sub, params = _parts(spec)
+    _, base_sub, base_params = _parts(base)
+    assert module is MoELayer and params == base_params
+    assert getattr(spec, "metainfo", None) == getattr(base, "metainfo", None)
+    assert sub.router is base_sub.router
+    experts, shared = _parts(sub.experts), _parts(sub.shared_experts)
+    assert experts[0] is PolyComSequentialMLP and experts[2] == {"polycom": polycom}
+    assert experts[1].linear_fc1 is _parts(base_sub.experts)[1].linear_fc1
+    assert experts[1].activation_func is None
+    assert shared[0] is PolyComSharedExpertMLP
+    assert _parts(shared[1].activation_func)[0] is PolyComActivation
+    assert _parts(shared[1].activation_func)[2] == {"polycom": polycom}
 
     # Rewriting again only updates the settings.
     other = PolyComConfig(activation="polyrelu")
-    again = polycom_moe_spec(spec, other)
-    assert again.submodules.experts.params == {"polycom": other}
-    assert again.submodules.shared_experts.submodules.activation_func.params == {"polycom": other}
+    again = _parts(polycom_moe_spec(spec, other))[1]
+    assert _parts(again.experts)[2] == {"polycom": other}
+    assert _parts(_parts(again.shared_experts)[1].activation_func)[2] == {"polycom": other}
 
-    grouped = get_moe_module_spec(use_te=False, num_experts=4, moe_grouped_gemm=True)
-    assert polycom_moe_spec(grouped, polycom).submodules.experts.module is PolyComGroupedMLP
+    if PolyComGroupedMLP is not None:  # megatron-core <= 0.16: the legacy GroupedMLP
+        grouped = get_moe_module_spec(use_te=False, num_experts=4, moe_grouped_gemm=True)
+        grouped_sub = _parts(polycom_moe_spec(grouped, polycom))[1]
+        assert _parts(grouped_sub.experts)[0] is PolyComGroupedMLP
 
 
 def test_moe_spec_rejects_unknown_experts_module():
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
+    from polycom_megatron import compat
     from polycom_megatron.layers.experts import polycom_moe_spec
 
     base = get_moe_module_spec(use_te=False, num_experts=4)
-    odd = dataclasses.replace(
-        base, submodules=dataclasses.replace(base.submodules, experts=torch.nn.Identity)
+    module, sub, params = _parts(base)
+    odd = compat.builder_like(
+        base, module, dataclasses.replace(sub, experts=torch.nn.Identity), params
     )
     with pytest.raises(ValueError, match="no version of the MoE experts module Identity"):
         polycom_moe_spec(odd, PolyComConfig())
+
+
+def test_moe_builders_of_megatron_core_017_and_later_keep_their_form():
+    """From 0.17 experts and shared experts are ``partial(cls, submodules=...)`` builders,
+    from 0.18 the MoE layer too. Built here in those shapes from this release's classes."""
+    from functools import partial
+
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+    from polycom_megatron.layers.activation import PolyComActivation
+    from polycom_megatron.layers.experts import PolyComSequentialMLP, PolyComSharedExpertMLP
+    from polycom_megatron.specs import stock_mlps, with_polycom
+
+    mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    moe = partial(MoELayer, submodules=MoESubmodules(
+        experts=partial(SequentialMLP, submodules=mlp),
+        shared_experts=partial(SharedExpertMLP, submodules=mlp)))
+    assert stock_mlps([moe]) == ["SequentialMLP", "SharedExpertMLP"]
+
+    polycom = PolyComConfig(coeff_mode="expert")
+    converted = with_polycom([moe], polycom)[0]
+    assert isinstance(converted, partial) and converted.func is MoELayer
+    experts = converted.keywords["submodules"].experts
+    shared = converted.keywords["submodules"].shared_experts
+    assert experts.func is PolyComSequentialMLP and not experts.args
+    assert experts.keywords == {"submodules": mlp, "polycom": polycom}
+    assert shared.func is PolyComSharedExpertMLP
+    assert shared.keywords["submodules"].activation_func.module is PolyComActivation
+    assert shared.keywords["submodules"].linear_fc1 is ColumnParallelLinear
+    assert stock_mlps(converted) == []
+
+    # An experts builder it does not know stops the conversion instead of passing through.
+    odd = partial(MoELayer, submodules=MoESubmodules(experts=partial(torch.nn.Identity)))
+    with pytest.raises(ValueError, match="no version of the MoE experts module Identity"):
+        with_polycom(odd, polycom)
 
 
 def test_block_spec_for_a_moe_config_without_te():
@@ -104,14 +159,17 @@ def test_block_spec_for_a_moe_config_without_te():
     from polycom_megatron.layers.mlp import PolyComMLP
     from polycom_megatron.specs import get_gpt_block_spec
 
-    for grouped, experts_module in ((False, PolyComSequentialMLP), (True, PolyComGroupedMLP)):
+    # Without TE, --moe-grouped-gemm means the legacy GroupedMLP up to 0.16 and the
+    # per-expert loop from 0.17 (which removed the legacy one).
+    grouped_module = PolyComGroupedMLP or PolyComSequentialMLP
+    for grouped, experts_module in ((False, PolyComSequentialMLP), (True, grouped_module)):
         config = _moe_config(moe_grouped_gemm=grouped)
         spec = get_gpt_block_spec(config, PolyComConfig(), use_te=False, pp_rank=0)
-        dense, moe = (layer.submodules.mlp for layer in spec.layer_specs)
-        assert dense.module is PolyComMLP  # moe_layer_freq [0, 1]: layer 0 dense
-        assert moe.module is MoELayer
-        assert moe.submodules.experts.module is experts_module
-        assert moe.submodules.shared_experts.module is PolyComSharedExpertMLP
+        dense, moe = (_parts(layer.submodules.mlp) for layer in spec.layer_specs)
+        assert dense[0] is PolyComMLP  # moe_layer_freq [0, 1]: layer 0 dense
+        assert moe[0] is MoELayer
+        assert _parts(moe[1].experts)[0] is experts_module
+        assert _parts(moe[1].shared_experts)[0] is PolyComSharedExpertMLP
 
 
 def test_probs_on_input_is_refused_for_polynorm_only():
@@ -128,11 +186,13 @@ def test_probs_on_input_is_refused_for_polynorm_only():
         check_moe_config(config, polynorm)
     check_moe_config(config, PolyComConfig(activation="polyrelu"))
     # Every experts module checks before building anything.
-    for build in (
+    builders = [
         lambda: PolyComSequentialMLP(2, config, None, polycom=polynorm),
         lambda: PolyComTEGroupedMLP(2, config, None, polycom=polynorm),
-        lambda: PolyComGroupedMLP(2, config, polycom=polynorm),
-    ):
+    ]
+    if PolyComGroupedMLP is not None:
+        builders.append(lambda: PolyComGroupedMLP(2, config, polycom=polynorm))
+    for build in builders:
         with pytest.raises(ValueError, match="--moe-apply-probs-on-input"):
             build()
 
@@ -257,6 +317,7 @@ def _legacy_grouped_experts(monkeypatch, polycom, **config_overrides):
     return PolyComGroupedMLP(2, _moe_config(**config_overrides), groups, polycom=polycom)
 
 
+@mh.needs_legacy_grouped
 @pytest.mark.parametrize("probs_on_input", [False, True], ids=["probs-on-output", "probs-on-input"])
 def test_legacy_grouped_forward_matches_per_expert_formula(monkeypatch, probs_on_input):
     """Each expert's rows: PolyReLU(x W1_e) W2_e scaled by the routing probability, on the
@@ -288,6 +349,7 @@ def test_legacy_grouped_forward_matches_per_expert_formula(monkeypatch, probs_on
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-6)
 
 
+@mh.needs_legacy_grouped
 def test_legacy_grouped_experts_without_rows_still_backpropagate(monkeypatch):
     """A rank whose experts got no tokens still puts weights and coefficients in the graph
     (every rank must run the same backward, collectives included): zero gradients."""
@@ -326,10 +388,11 @@ def _plan():
                 yield activation, mode, str(layout), layout, {}
             if activation != "polynorm":
                 continue
-            for layout in GROUPED_LAYOUTS:
-                yield activation, mode, f"grouped {layout}", layout, GROUPED
             layout = GROUPED_LAYOUTS[0]
-            yield activation, mode, f"moe_act {layout}", layout, MOE_ACT
+            if mh.HAS_LEGACY_GROUPED:
+                for grouped_layout in GROUPED_LAYOUTS:
+                    yield activation, mode, f"grouped {grouped_layout}", grouped_layout, GROUPED
+                yield activation, mode, f"moe_act {layout}", layout, MOE_ACT
             yield activation, mode, f"moe recompute {layout}", layout, MOE_RECOMPUTE
             for layout in ALLTOALL_LAYOUTS:
                 yield activation, mode, f"alltoall {layout}", layout, ALLTOALL
@@ -380,6 +443,7 @@ def test_same_model_at_every_expert_and_tensor_parallel_layout(runs, activation,
     assert tuple(grads[f"{COEFF}.weight"].shape) == expected
 
 
+@mh.needs_legacy_grouped
 @pytest.mark.parametrize("mode", MODES)
 def test_grouped_backend_matches_per_expert_loop(runs, mode):
     results = runs[("polynorm", mode)]
@@ -387,6 +451,7 @@ def test_grouped_backend_matches_per_expert_loop(runs, mode):
         _assert_same_run(results[f"grouped {layout}"], results[str(layout)], f"{mode} {layout}", tight=True)
 
 
+@mh.needs_legacy_grouped
 @pytest.mark.parametrize("mode", MODES)
 def test_moe_act_recompute(runs, mode):
     results = runs[("polynorm", mode)]

@@ -1,15 +1,19 @@
 """The Megatron launcher, as far as it runs without megatron.training: the PolyCom flags
 checked and turned into Megatron flags before Megatron starts, unsupported flags refused,
 the model provider building the right GPT from parsed arguments (one CPU rank, gloo),
-the shared loss and batch code, and the message when megatron.training is missing."""
+the shared loss and batch code, and the message when megatron.training is missing.
+At the end, with real Megatron-LM trees (see megatron_lm.py): ``pretrain --cpu`` runs
+Megatron-LM's own loop, and resumes from its checkpoint."""
 
 import argparse
 import importlib.util
+import re
 
 import pytest
 import torch
 
 import gpt_harness as h
+import megatron_lm
 from distributed import run_distributed
 from polycom_megatron.config import PolyComConfig, add_polycom_args
 from polycom_megatron.training import pretrain
@@ -119,6 +123,33 @@ def test_unsupported_arguments_are_named(setting, flag):
         pretrain.check_args(megatron_args(**setting))
 
 
+def test_cpu_is_the_launchers_own_option():
+    assert pretrain.split_launcher_args(["--cpu"] + MEGATRON_ARGS) == (MEGATRON_ARGS, True)
+    assert pretrain.split_launcher_args(MEGATRON_ARGS) == (MEGATRON_ARGS, False)
+
+
+def test_cpu_adds_what_megatron_needs_without_cuda(capsys):
+    argv = MEGATRON_ARGS + ["--transformer-impl", "local", "--use-cpu-initialization"]
+    completed = pretrain.cpu_argv(argv)
+    assert completed[: len(argv)] == argv
+    added = completed[len(argv):]
+    for flag, *value in pretrain.CPU_FLAGS:
+        assert completed.count(flag) == 1, flag
+        if value:
+            assert completed[completed.index(flag) + 1] == value[0]
+    assert "--transformer-impl" not in added and "--use-cpu-initialization" not in added
+    assert "note: --cpu: added --distributed-backend gloo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value", [("--transformer-impl", "transformer_engine"),
+                                         ("--distributed-backend", "nccl")])
+def test_cpu_refuses_cuda_only_choices(capsys, flag, value):
+    with pytest.raises(ValueError, match=f"--cpu runs without CUDA and needs {flag}"):
+        pretrain.cpu_argv(MEGATRON_ARGS + [flag, value])
+    assert pretrain.main(["--cpu", flag, value] + MEGATRON_ARGS) == 2
+    assert f"drop {flag} or --cpu" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------
 # The model provider, on one CPU rank
 # --------------------------------------------------------------------------------------
@@ -133,6 +164,7 @@ def _describe(model):
         module_types=sorted({type(m).__name__ for m in model.modules()}),
         has_embedding=hasattr(model, "embedding"),
         has_output_layer=hasattr(model, "output_layer"),
+        described=pretrain.describe_mlps(model),
     )
     if out["has_output_layer"]:
         out["output_rows"] = model.output_layer.weight.shape[0]
@@ -169,6 +201,7 @@ def test_provider_builds_polycom_mlps_from_the_flags():
     )
     full = built[(True, True)]
     assert full["mlp"] == ["PolyComMLP", "PolyComMLP"]
+    assert full["described"] == "2 x PolyComMLP"
     assert all("polynorm" in a and "order=2" in a for a in full["activation"]), full["activation"]
     assert full["output_rows"] == h.VOCAB
     assert full["loss_shape"] == (h.BATCH, h.SEQ)
@@ -180,6 +213,7 @@ def test_provider_builds_polycom_mlps_from_the_flags():
 def test_provider_without_polycom_builds_the_stock_mlp():
     full = build_from_args(["--polycom-activation", "none"])[(True, True)]
     assert full["mlp"] == ["MLP", "MLP"]
+    assert full["described"] == "2 x MLP"
     assert not any("PolyCom" in name for name in full["module_types"])
     assert full["loss_shape"] == (h.BATCH, h.SEQ)
 
@@ -191,6 +225,7 @@ def test_provider_builds_polycom_experts_for_moe():
     )
     full = build_from_args(["--polycom-activation", "polyrelu"], config_overrides=moe)[(True, True)]
     assert full["mlp"] == ["MoELayer", "MoELayer"]
+    assert full["described"] == "2 x MoELayer[PolyComSequentialMLP]"
     assert any(name.startswith("PolyCom") and "MLP" in name for name in full["module_types"])
     assert full["loss_shape"] == (h.BATCH, h.SEQ)
 
@@ -231,3 +266,61 @@ def test_get_batch_hands_a_single_stage_everything_it_needs(with_mask):
         assert torch.equal(batch["attention_mask"], sample["attention_mask"])
     else:
         assert batch["attention_mask"] is None
+
+
+# --------------------------------------------------------------------------------------
+# Megatron-LM's own training loop on real release trees (skipped without them)
+# --------------------------------------------------------------------------------------
+
+TINY_GPT = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--ffn-hidden-size", "192", "--seq-length", "32", "--max-position-embeddings", "32",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
+    "--lr-decay-style", "constant", "--disable-bias-linear", "--normalization", "RMSNorm",
+    "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+    # 0.15's mock data draws token ids up to 4095: 4095 + the end-of-document id.
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "4095", "--mock-data",
+    "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000", "--seed", "7",
+]
+TINY_MOE_TP2_EP2 = [
+    "--tensor-model-parallel-size", "2", "--sequence-parallel",
+    "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
+    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "96",
+    "--moe-token-dispatcher-type", "allgather",
+]
+LM_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.Ee+-]+)")
+
+
+def _train(tree, cwd, ranks, argv):
+    launcher = ["-m", "polycom_megatron.training.pretrain", "--cpu", *TINY_GPT, *argv]
+    if ranks > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                    str(ranks), *launcher]
+    done = megatron_lm.run_python(tree, launcher, cwd=cwd)
+    assert done.returncode == 0, (tree, done.stdout[-4000:], done.stderr[-4000:])
+    losses = {int(step): float(loss) for step, loss in LM_LOSS.findall(done.stdout)}
+    return done.stdout, losses
+
+
+@megatron_lm.needs_trees
+@pytest.mark.parametrize("setup", ["dense", "moe-tp2-ep2"])
+def test_megatron_training_loop_on_cpu(tmp_path, setup):
+    """``polycom-megatron pretrain --cpu`` runs Megatron-LM's pretrain() on PolyCom models:
+    the loss falls, and a run resumed from its checkpoint continues where it stopped."""
+    ranks, extra = (1, []) if setup == "dense" else (2, TINY_MOE_TP2_EP2)
+    expected = "2 x PolyComMLP" if setup == "dense" else "2 x MoELayer[PolyComSequentialMLP]"
+    for tree in megatron_lm.trees():
+        save = tmp_path / tree.name / "checkpoints"
+        polycom = ["--polycom-activation", "polynorm", "--save", save, "--save-interval", "4"]
+        log, losses = _train(tree, tmp_path, ranks,
+                             [*extra, *polycom, "--train-iters", "6", "--exit-interval", "4"])
+        assert f"decoder MLPs: {expected}" in log, tree
+        assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1], (tree, losses)
+
+        log, resumed = _train(tree, tmp_path, ranks,
+                              [*extra, *polycom, "--train-iters", "6", "--load", save])
+        assert sorted(resumed) == [5, 6], (tree, resumed)
+        _, straight = _train(tree, tmp_path, ranks, [*extra, "--polycom-activation",
+                                                     "polynorm", "--train-iters", "6"])
+        for step in (5, 6):
+            assert resumed[step] == pytest.approx(straight[step], rel=1e-5), (tree, step)
