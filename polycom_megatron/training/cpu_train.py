@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from polycom_megatron.model import build_gpt_model
 from polycom_megatron.training import checkpoint, common
 from polycom_megatron.training.cpu_job import CpuJob
-from polycom_megatron.training.data import DEFAULT_DATASET_NAME
+from polycom_megatron.data import DEFAULT_DATASET_NAME
 
 # The attention mask comes from the dataset rather than being built inside attention:
 # Megatron's default causal-mask helper allocates on CUDA.
