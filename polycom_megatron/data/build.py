@@ -13,13 +13,14 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
-from polycom_megatron.data.check import _import_indexed_dataset, check_structure, dataset_prefix
+from polycom_megatron.data.check import check_structure, dataset_prefix
 from polycom_megatron.data.errors import NoValidRecordsError, TokenizerError
 from polycom_megatron.data.files import (
     Staging,
@@ -219,6 +220,18 @@ def _describe_existing(prefix: Path) -> str:
         return "a dataset with an unreadable manifest"
     ds = manifest.dataset
     return f"a dataset of {ds.get('documents', 0):,} documents, {ds.get('tokens', 0):,} tokens"
+
+
+def _import_indexed_dataset():
+    """Import megatron.core's indexed_dataset module, quietly.
+
+    Importing it imports all of megatron.core, which warns about optional CUDA packages
+    (Transformer Engine, Apex) that data preparation never uses.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
 
 
 class _FileWriter:

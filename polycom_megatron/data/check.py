@@ -14,7 +14,6 @@ Two levels, both run by ``verify_dataset`` (``data check``, ``pretrain --data-pa
 from __future__ import annotations
 
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -40,6 +39,12 @@ from polycom_megatron.data.sources import PathLike
 # int64 document indices (then int8 modes for multimodal datasets).
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _IDX_HEADER = struct.Struct("<9sQBQQ")
+# The header's dtype codes (megatron.core.datasets.indexed_dataset.DType; a test keeps the
+# two equal). Written out so that checking a dataset needs neither torch nor megatron-core.
+IDX_DTYPE_CODES = {
+    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
+    6: np.float64, 7: np.float32, 8: np.uint16,
+}
 
 
 @dataclass
@@ -252,20 +257,7 @@ def check_structure(
     return info, digest
 
 
-def _import_indexed_dataset():
-    """Import megatron.core's indexed_dataset module, quietly.
-
-    Importing it imports all of megatron.core, which warns about optional CUDA packages
-    (Transformer Engine, Apex) that data preparation never uses.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
-
-
 def _read_idx_header(idx_path: Path, multimodal: bool) -> _IdxHeader:
-    indexed = _import_indexed_dataset()
     size = idx_path.stat().st_size
     if size < _IDX_HEADER.size:
         raise CorruptDatasetError(
@@ -285,12 +277,11 @@ def _read_idx_header(idx_path: Path, multimodal: bool) -> _IdxHeader:
         raise CorruptDatasetError(
             f"{idx_path} has index version {version}, expected 1. {REBUILD_HINT}"
         )
-    try:
-        dtype = indexed.DType.dtype_from_code(code)
-    except ValueError:
+    dtype = IDX_DTYPE_CODES.get(code)
+    if dtype is None:
         raise CorruptDatasetError(
             f"{idx_path} names an unknown token dtype (code {code}). {REBUILD_HINT}"
-        ) from None
+        )
     # lengths int32 + pointers int64 per sequence, int64 per document boundary,
     # and an int8 mode per sequence for multimodal data.
     per_sequence = 4 + 8 + (1 if multimodal else 0)

@@ -3,6 +3,7 @@
 import os
 import struct
 
+import numpy as np
 import pytest
 
 from polycom_megatron.data import CorruptDatasetError, validate_indexed_dataset
@@ -64,3 +65,13 @@ def test_validate_refuses_tokens_outside_the_vocabulary(dirty_build):
         validate_indexed_dataset(summary.output_prefix, vocab_size=10)
 
 
+
+
+def test_idx_dtype_codes_are_megatrons():
+    from megatron.core.datasets.indexed_dataset import DType
+
+    from polycom_megatron.data.check import IDX_DTYPE_CODES
+
+    assert {code: np.dtype(t) for code, t in IDX_DTYPE_CODES.items()} == {
+        member.value: np.dtype(getattr(np, member.name)) for member in DType
+    }
