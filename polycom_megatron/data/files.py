@@ -93,9 +93,9 @@ class Staging:
         if isinstance(exc, OSError) and finals:
             # A full disk (ENOSPC), a quota or file-size limit (EDQUOT, EFBIG), an I/O error.
             raise DataError(
-                f"stopped by an error while writing: {exc.strerror or exc}"
-                f"{f' ({exc.filename})' if exc.filename else ''}; nothing was replaced: "
-                f"{', '.join(finals)} are as they were before this run"
+                f"writing {', '.join(finals)} failed: {exc.strerror or exc}"
+                f"{f' ({exc.filename})' if exc.filename else ''} (a full disk, a quota or a "
+                "file-size limit?); no existing file was replaced and no partial file is left"
             ) from None
 
     def add(self, final: Path) -> Path:

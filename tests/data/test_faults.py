@@ -101,7 +101,7 @@ def test_tokenizer_disk_full_leaves_nothing_or_the_old_model(prepared_dir, tmp_p
     fresh = run_cli("data", "tokenizer", corpus, "--output-prefix", tmp_path / "tok",
                     "--vocab-size", VOCAB_SIZE, preexec_fn=fsize_limit(4096))
     line = one_error_line(fresh)
-    assert "File too large" in line and "nothing was replaced" in line
+    assert "File too large" in line and "no existing file was replaced" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
     assert run_cli("data", "tokenizer", corpus, "--output-prefix", tmp_path / "tok",
