@@ -161,9 +161,10 @@ def stale_partial_note(prefix: Path) -> Optional[str]:
     stale = stale_partials([Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), manifest_path(prefix)])
     if not stale:
         return None
+    them = "it" if len(stale) == 1 else "them"
     return (
-        f"{', '.join(map(str, stale))} left by an interrupted build (not part of the "
-        "dataset); the next build of this prefix removes it, or delete it"
+        f"{', '.join(map(str, stale))}: left by an interrupted build, not part of the "
+        f"dataset; the next build of this prefix removes {them} (or delete {them})"
     )
 
 
