@@ -131,13 +131,13 @@ def build_indexed_dataset(
     build leaves it as it was. With ``staging`` the .bin/.idx are only staged there and the
     manifest is returned in the summary, for the caller to add to and commit (``prepare``).
     """
-    indexed = _import_indexed_dataset()
     paths = resolve_input_files(inputs)
     output_prefix = dataset_prefix(output_prefix)
     outputs = dataset_files(output_prefix)
     if not overwrite:
         refuse_existing(outputs, "--output-prefix", _describe_existing(output_prefix))
     check_writable_dir(output_prefix.parent, "the output directory")
+    indexed = _import_indexed_dataset()  # seconds: after the checks that fail fast
     tokenizer_model = Path(tokenizer_model)
     tokenizer = load_tokenizer(tokenizer_model)
     eod_id = _eod_id(tokenizer, tokenizer_model) if append_eod else None
