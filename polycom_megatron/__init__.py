@@ -7,11 +7,12 @@ import without megatron-core; the spec builders load it on first use.
 import importlib
 
 from polycom_megatron.config import PolyComConfig, add_polycom_args, matched_ffn_hidden_size
-from polycom_megatron.ops import polynorm, polyrelu
 
 __version__ = "0.1.0"
 
 _SPEC_BUILDERS = ("get_gpt_block_spec", "get_gpt_layer_spec", "with_polycom")
+# Loaded on first use too: they import torch, which the data tools never need.
+_OPS = ("polynorm", "polyrelu")
 
 __all__ = [
     "PolyComConfig",
@@ -24,6 +25,8 @@ __all__ = [
 
 
 def __getattr__(name):
+    if name in _OPS:
+        return getattr(importlib.import_module("polycom_megatron.ops"), name)
     if name in _SPEC_BUILDERS:
         return getattr(importlib.import_module("polycom_megatron.specs"), name)
     raise AttributeError(f"module 'polycom_megatron' has no attribute {name!r}")

@@ -12,7 +12,7 @@ import sys
 SUBCOMMANDS = {
     "pretrain": ("polycom_megatron.training.pretrain", "train a GPT with Megatron (GPU/cluster)"),
     "train-cpu": ("polycom_megatron.training.cpu_loop", "the embedded end-to-end run on CPU ranks"),
-    "data": ("polycom_megatron.training.data", "tokenizer and indexed-dataset preparation"),
+    "data": ("polycom_megatron.data.cli", "tokenizer and indexed-dataset preparation"),
     "bench": ("polycom_megatron.bench.throughput", "tokens/s: PolyCom vs SwiGLU, layer and model"),
     "bench-kernels": ("polycom_megatron.bench.kernels", "fused-kernel timings vs references"),
     "patch": ("polycom_megatron.patching", "apply/check the Megatron-LM patches"),

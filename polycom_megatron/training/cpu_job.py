@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from polycom_megatron.config import PolyComConfig, add_polycom_args
+from polycom_megatron.data.cli import vocab_size_arg
+from polycom_megatron.data.tokenizer import DEFAULT_VOCAB_SIZE
 
 # Megatron pads the vocabulary so each TP shard of the embedding is a multiple of this.
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
@@ -55,7 +57,7 @@ class CpuJob:
     log_interval: int = 10
     save_interval: int = 0  # 0: save only at the end
     resume: bool = False
-    vocab_size: int = 4096
+    vocab_size: Optional[int] = None  # None: the prepared data's (the default when preparing)
     polycom: Optional[PolyComConfig] = PolyComConfig(activation="polynorm")
     timeout_s: float = 600.0
     data: Optional[Path] = None  # prepared data; default output_dir/data
@@ -82,6 +84,8 @@ class CpuJob:
 
     @property
     def padded_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError("the vocabulary size is known once cpu_loop.prepare_data has run")
         multiple = MAKE_VOCAB_SIZE_DIVISIBLE_BY * self.tp
         return -(-self.vocab_size // multiple) * multiple
 
@@ -265,7 +269,9 @@ def build_parser(prog: str = "polycom-megatron train-cpu") -> argparse.ArgumentP
                    "at the end)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --output-dir up to --steps")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer vocabulary")
+    p.add_argument("--vocab-size", type=vocab_size_arg, default=None,
+                   help="tokenizer vocabulary when train-cpu prepares the data (default: "
+                   f"{DEFAULT_VOCAB_SIZE}); prepared data is used with its own")
     p.add_argument("--timeout", type=float, default=d.timeout_s,
                    help="seconds a collective may wait before the run is declared hung")
     add_polycom_args(p)

@@ -24,7 +24,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -131,7 +130,7 @@ def run(
                 "run to continue"
             )
     wall_start = time.perf_counter()
-    prepare_data(job, quiet=prepare_quietly)
+    job = prepare_data(job, quiet=prepare_quietly)
     print(f"{job.describe_model()}\n{job.describe_layout()}", flush=True)
     result = _launch(job, deadline_s)
     summary = RunSummary(
@@ -154,25 +153,16 @@ def run(
     return summary
 
 
-def prepare_data(job: CpuJob, quiet: bool = False) -> None:
-    """Corpus -> tokenizer -> indexed dataset in ``job.data_dir``, unless a valid one with
-    the requested vocabulary size is already there."""
-    from polycom_megatron.training import data
+def prepare_data(job: CpuJob, quiet: bool = False) -> CpuJob:
+    """The job with its data in ``job.data_dir``: a prepared directory is used as it is (its
+    own vocabulary size; a conflicting ``--vocab-size`` is refused), never replaced; only a
+    directory without data is prepared (pydoc corpus, ``job.vocab_size`` or the default)."""
+    from polycom_megatron import data
 
-    prefix = job.data_dir / data.DEFAULT_DATASET_NAME
-    model_path = job.data_dir / "tokenizer.model"
-    if model_path.is_file() and Path(f"{prefix}.bin").is_file():
-        try:
-            if data.load_tokenizer(model_path).get_piece_size() == job.vocab_size:
-                info = data.validate_indexed_dataset(prefix, vocab_size=job.vocab_size)
-                print(f"data: reusing {info.describe()}", flush=True)
-                return
-        except data.DataError as exc:
-            print(f"data: rebuilding ({exc})", flush=True)
-    print(f"data: preparing corpus, tokenizer and dataset in {job.data_dir} ...", flush=True)
-    summary = data.prepare(job.data_dir, vocab_size=job.vocab_size, progress=not quiet)
-    if not quiet:
-        print(summary.describe(), flush=True)
+    prepared = data.use_prepared(
+        job.data_dir, job.vocab_size, progress=not quiet, report=lambda line: print(line, flush=True)
+    )
+    return job.replace(vocab_size=prepared.vocab_size)
 
 
 def polycom_experts_available(args) -> tuple:

@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from polycom_megatron.model import build_gpt_model
 from polycom_megatron.training import checkpoint, common
 from polycom_megatron.training.cpu_job import CpuJob
-from polycom_megatron.training.data import DEFAULT_DATASET_NAME
+from polycom_megatron.data import DEFAULT_DATASET_NAME
 
 # The attention mask comes from the dataset rather than being built inside attention:
 # Megatron's default causal-mask helper allocates on CUDA.
@@ -290,7 +290,8 @@ def _train_dataset(job: CpuJob):
         tokenizer=tokenizer,
         blend=([str(job.data_dir / DEFAULT_DATASET_NAME)], None),
         split="100,0,0",
-        path_to_cache=str(job.data_dir / "index-cache"),
+        # In the run, not the data directory: that may be shared, read-only, or the user's.
+        path_to_cache=str(job.output_dir / "index-cache"),
         create_attention_mask=WITH_ATTENTION_MASK,
     )
     train_ds, _, _ = common.build_gpt_datasets(config, [None, None, None])

@@ -36,6 +36,7 @@ from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 from polycom_megatron.config import PolyComConfig, add_polycom_args, gated_unit_conflict
+from polycom_megatron.data.pretrain_inputs import check_pretrain_data
 
 # As Megatron-LM's pretrain_gpt.py: the tokenizer type when --tokenizer-type is not given.
 ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}
@@ -67,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         megatron_argv, polycom = prepare_argv(argv)
         if on_cpu:
             megatron_argv = cpu_argv(megatron_argv)
+        # The datasets and their tokenizer, before Megatron reads them (DataError: ValueError).
+        check_pretrain_data(megatron_argv)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

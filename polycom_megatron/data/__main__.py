@@ -1,0 +1,5 @@
+import sys
+
+from polycom_megatron.data.cli import main
+
+sys.exit(main())

@@ -1,0 +1,327 @@
+"""Tokenizing documents into a Megatron indexed dataset: ``<prefix>.bin``/``.idx`` and its
+manifest (``manifest.py``).
+
+The .bin/.idx are written by Megatron-Core's own ``IndexedDatasetBuilder``, under partial
+names (``files.Staging``); once complete they are flushed, checked (structure, sizes) and
+checksummed, and the manifest is written from those checksums. Then all are renamed into
+place, the manifest last. Nothing existing is replaced without ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, TextIO, Union
+
+import numpy as np
+
+from polycom_megatron.data.check import check_structure, dataset_prefix
+from polycom_megatron.data.errors import NoValidRecordsError, TokenizerError
+from polycom_megatron.data.files import (
+    Staging,
+    check_writable_dir,
+    final_path,
+    refuse_existing,
+)
+from polycom_megatron.data.manifest import (
+    Manifest,
+    describe_input,
+    digest_file,
+    manifest_path,
+    new_manifest,
+    sha256_file,
+)
+from polycom_megatron.data.progress import Progress
+from polycom_megatron.data.sources import (
+    BadRecord,
+    BadRecordLog,
+    BadRecordStats,
+    PathLike,
+    Record,
+    describe_bad_records,
+    iter_records,
+    resolve_input_files,
+)
+from polycom_megatron.data.tokenizer import load_tokenizer
+
+# Megatron's own prefix convention for tokenized text (tools/preprocess_data.py).
+DEFAULT_DATASET_NAME = "corpus_text_document"
+
+
+
+@dataclass
+class BuildSummary:
+    """What ``build_indexed_dataset`` wrote."""
+
+    output_prefix: Path
+    input_files: List[Path]
+    documents: int
+    tokens: int
+    dtype: str
+    eod_id: Optional[int]
+    bad_records: Dict[str, BadRecordStats]
+    elapsed_s: float
+
+    @property
+    def bad_record_count(self) -> int:
+        return sum(stats.count for stats in self.bad_records.values())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else float("inf")
+
+    def describe(self) -> str:
+        eod = f", EOD id {self.eod_id} appended" if self.eod_id is not None else ", no EOD"
+        lines = [
+            f"Wrote {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype}{eod}) "
+            f"from {len(self.input_files)} file(s) to {self.output_prefix}.bin/.idx",
+            f"  elapsed {self.elapsed_s:.1f} s, {self.tokens_per_s:,.0f} tokens/s",
+        ]
+        lines += describe_bad_records(self.bad_records)
+        return "\n".join(lines)
+
+    manifest: Optional[Manifest] = None
+
+
+def dataset_files(prefix: Path) -> List[Path]:
+    """Everything a build writes for ``prefix``: .bin, .idx and the manifest."""
+    return [Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), manifest_path(prefix)]
+
+
+def token_dtype_for_vocab(vocab_size: int) -> "type[np.number]":
+    """The narrowest token dtype for a vocabulary: uint16 below 65500 pieces, else int32.
+
+    The 65500 threshold is Megatron-Core's own (``DType.optimal_dtype``, used by its
+    ``tools/preprocess_data.py``); using the same rule keeps our files identical to theirs.
+    """
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+
+
+def build_indexed_dataset(
+    inputs: Union[PathLike, Sequence[PathLike]],
+    tokenizer_model: PathLike,
+    output_prefix: PathLike,
+    json_key: str = "text",
+    append_eod: bool = True,
+    *,
+    input_format: str = "auto",
+    text_split: str = "paragraph",
+    batch_size: int = 256,
+    num_threads: Optional[int] = None,
+    progress: bool = True,
+    progress_stream: Optional[TextIO] = None,
+    overwrite: bool = False,
+    staging: Optional[Staging] = None,
+) -> BuildSummary:
+    """Tokenize text files into a Megatron indexed dataset ``<output_prefix>.bin``/``.idx``
+    with its manifest ``<output_prefix>.manifest.json``.
+
+    Each document becomes one sequence (plus the tokenizer's eos id when ``append_eod``),
+    which is what Megatron's GPT dataset expects. Files are read as described in
+    ``sources``; bad records are skipped and counted, and a file with no usable record raises
+    ``NoValidRecordsError``. Existing output is refused unless ``overwrite``; it is replaced
+    only once the new dataset is complete and checked, so an interrupted, killed or failed
+    build leaves it as it was. With ``staging`` the .bin/.idx are only staged there and the
+    manifest is returned in the summary, for the caller to add to and commit (``prepare``).
+    """
+    paths = resolve_input_files(inputs)
+    output_prefix = dataset_prefix(output_prefix)
+    outputs = dataset_files(output_prefix)
+    if not overwrite:
+        refuse_existing(outputs, "--output-prefix", _describe_existing(output_prefix))
+    check_writable_dir(output_prefix.parent, "the output directory")
+    indexed = _import_indexed_dataset()  # seconds: after the checks that fail fast
+    tokenizer_model = Path(tokenizer_model)
+    tokenizer = load_tokenizer(tokenizer_model)
+    eod_id = _eod_id(tokenizer, tokenizer_model) if append_eod else None
+    dtype = token_dtype_for_vocab(tokenizer.get_piece_size())
+    bin_path, idx_path, manifest_file = outputs
+    reading = dict(json_key=json_key, input_format=input_format, text_split=text_split)
+
+    own = staging is None
+    staging = Staging() if own else staging
+    with staging if own else contextlib.nullcontext():
+        partial_bin, partial_idx = staging.add(bin_path), staging.add(idx_path)
+        started = time.perf_counter()
+        bad = BadRecordLog()
+        documents = tokens = 0
+        progress_bar = Progress(paths, enabled=progress, stream=progress_stream or sys.stderr)
+        builder = indexed.IndexedDatasetBuilder(str(partial_bin), dtype=dtype)
+        try:
+            for path in paths:
+                writer = _FileWriter(path, tokenizer, builder, eod_id, batch_size, num_threads)
+                writer.run(iter_records(path, **reading), progress_bar)
+                if writer.documents == 0:
+                    raise NoValidRecordsError(_no_valid_records_message(path, writer.bad, json_key))
+                documents += writer.documents
+                tokens += writer.tokens
+                bad.merge(writer.bad)
+            builder.finalize(str(partial_idx))
+        finally:
+            progress_bar.finish()  # so what follows starts on a line of its own
+            _close(builder)
+        itemsize = np.dtype(dtype).itemsize
+        staging.finish(bin_path, expected_bytes=tokens * itemsize)
+        staging.finish(idx_path)
+        info, bin_digest = check_structure(partial_idx, partial_bin, output_prefix)
+        manifest = new_manifest(
+            dataset=dict(
+                name=output_prefix.name, dtype=info.dtype, documents=info.documents,
+                sequences=info.sequences, tokens=info.tokens, eod_id=eod_id,
+            ),
+            tokenizer=_tokenizer_record(tokenizer_model, tokenizer, output_prefix.parent),
+            inputs=[describe_input(p, os.path.abspath(final_path(p))) for p in paths],
+            reading=dict(reading, append_eod=append_eod),
+            files={bin_path.name: bin_digest, idx_path.name: digest_file(partial_idx)},
+        )
+        tokenizer_name = manifest.tokenizer["file"]
+        if tokenizer_model.parent.resolve() == output_prefix.parent.resolve() and own:
+            manifest.files[tokenizer_name] = digest_file(tokenizer_model)
+        if own:
+            staging.write_bytes(manifest_file, manifest.to_json())
+            staging.commit(last=[manifest_file])
+    return BuildSummary(
+        output_prefix=output_prefix,
+        input_files=paths,
+        documents=documents,
+        tokens=tokens,
+        dtype=np.dtype(dtype).name,
+        eod_id=eod_id,
+        bad_records=bad.by_reason,
+        elapsed_s=time.perf_counter() - started,
+        manifest=manifest,
+    )
+
+
+def _tokenizer_record(model_path: Path, tokenizer, directory: Path) -> Dict[str, Any]:
+    final = final_path(model_path)
+    beside = final.parent.resolve() == directory.resolve()
+    return dict(
+        file=final.name if beside else os.path.abspath(final),
+        sha256=sha256_file(model_path),
+        vocab_size=tokenizer.get_piece_size(),
+    )
+
+
+def _describe_existing(prefix: Path) -> str:
+    path = manifest_path(prefix)
+    if not path.is_file():
+        return "a dataset without a manifest"
+    try:
+        manifest = Manifest.load(path)
+    except ValueError:
+        return "a dataset with an unreadable manifest"
+    ds = manifest.dataset
+    return f"a dataset of {ds.get('documents', 0):,} documents, {ds.get('tokens', 0):,} tokens"
+
+
+def _import_indexed_dataset():
+    """Import megatron.core's indexed_dataset module, quietly.
+
+    Importing it imports all of megatron.core, which warns about optional CUDA packages
+    (Transformer Engine, Apex) that data preparation never uses.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+class _FileWriter:
+    """Tokenizes the records of one file in batches and appends them to the builder."""
+
+    def __init__(
+        self,
+        path: Path,
+        tokenizer,  # sentencepiece.SentencePieceProcessor
+        builder,  # megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder
+        eod_id: Optional[int],
+        batch_size: int,
+        num_threads: Optional[int],
+    ) -> None:
+        self.path = path
+        self.tokenizer = tokenizer
+        self.builder = builder
+        self.eod_id = eod_id
+        self.batch_size = max(1, batch_size)
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self.bad = BadRecordLog()
+        self.documents = 0
+        self.tokens = 0
+
+    def run(self, records: Iterable[Union[Record, BadRecord]], progress: Progress) -> None:
+        batch: List[Record] = []
+        for item in records:
+            if isinstance(item, BadRecord):
+                self.bad.add(item.reason, item.location)
+                continue
+            batch.append(item)
+            if len(batch) >= self.batch_size:
+                self._write(batch)
+                progress.update(self.path, batch[-1].offset, self.documents, self.tokens)
+                batch = []
+        if batch:
+            self._write(batch)
+        progress.file_done(self.path, self.documents, self.tokens)
+
+    def _write(self, batch: List[Record]) -> None:
+        # One call for the whole batch lets SentencePiece tokenize on several threads.
+        encoded = self.tokenizer.encode([r.text for r in batch], num_threads=self.num_threads)
+        for record, ids in zip(batch, encoded):
+            if not ids:
+                self.bad.add("no_tokens", record.location)
+                continue
+            if self.eod_id is not None:
+                ids.append(self.eod_id)
+            # A plain list, as Megatron's own tools/preprocess_data.py passes it: every
+            # megatron-core version's add_document does numpy.array(ids, dtype=its dtype).
+            self.builder.add_document(ids, [len(ids)])
+            self.documents += 1
+            self.tokens += len(ids)
+
+
+def _eod_id(tokenizer, model_path: PathLike) -> int:
+    eod_id = tokenizer.eos_id()
+    if eod_id < 0:
+        raise TokenizerError(
+            f"{model_path} has no end-of-sentence piece to use as end-of-document; "
+            "retrain it with train_tokenizer, or build with append_eod=False (--no-eod)"
+        )
+    return eod_id
+
+
+def _no_valid_records_message(path: Path, bad: BadRecordLog, json_key: str) -> str:
+    worst = bad.most_common()
+    if worst is None:
+        return f"{path} contains no documents (it is empty or only blank lines)"
+    hints = {
+        "missing_field": f"Is the text stored under another key? Pass --json-key "
+        f"(now {json_key!r}).",
+        "non_string_field": f"The {json_key!r} field holds no strings; pass the key of the text.",
+        "invalid_json": "Is this really JSON Lines? For plain text, use a .txt file name or "
+        "--input-format text.",
+        "not_object": "Each line must be a JSON object like {\"text\": \"...\"}.",
+        "invalid_utf8": "The file is not UTF-8; convert it first (e.g. iconv -f latin1 -t utf-8).",
+        "empty_text": "Every document is empty.",
+    }
+    message = (
+        f"{path}: no usable documents, all {bad.total} records were skipped. Most common "
+        f"reason: {worst.describe()}. {hints.get(worst.reason, '')}".rstrip()
+    )
+    if len(bad.by_reason) > 1:
+        message += "; all reasons: " + "; ".join(bad.describe_lines())
+    return message
+
+
+def _close(builder) -> None:
+    # IndexedDatasetBuilder opens its .bin at construction and closes it only in finalize().
+    data_file = getattr(builder, "data_file", None)
+    if data_file is not None and not data_file.closed:
+        data_file.close()
