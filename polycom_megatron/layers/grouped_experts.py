@@ -63,11 +63,43 @@ def check_moe_config(config: TransformerConfig, polycom: PolyComConfig) -> None:
             "scale away, so the router would get no gradient through the experts: drop the "
             "flag with PolyNorm experts (PolyReLU accepts it)."
         )
+    if config.moe_apply_probs_on_input and config.moe_router_topk != 1:
+        # A token's input can carry one expert's probability only (upstream asserts it).
+        raise ValueError(
+            f"--moe-apply-probs-on-input works only with --moe-router-topk 1, got "
+            f"{config.moe_router_topk}: set top-1 routing or drop the flag."
+        )
     offloaded = set(getattr(config, "offload_modules", None) or ()) & {"expert_fc1", "moe_act"}
     if getattr(config, "fine_grained_activation_offloading", False) and offloaded:
         raise ValueError(
             f"--offload-modules {' '.join(sorted(offloaded))} is not supported with PolyCom "
             "experts; drop those modules from --offload-modules."
+        )
+    # Each of these makes Megatron run its own expert computation instead of our forward.
+    for field, flag in (
+        ("use_transformer_engine_op_fuser", "--use-transformer-engine-op-fuser"),
+        ("moe_ncclep_zero_copy", "--moe-ncclep-zero-copy"),
+    ):
+        if getattr(config, field, False):
+            raise ValueError(
+                f"{flag} ({field}) runs Transformer Engine's fused SwiGLU/GELU expert MLP, "
+                "which has no PolyCom version: drop the flag for PolyCom experts."
+            )
+    if getattr(config, "transformer_impl", None) == "inference_optimized":
+        raise ValueError(
+            "--transformer-impl inference_optimized runs Megatron's fused inference MoE "
+            "kernels, which have no PolyCom version: use transformer_engine or local."
+        )
+    recompute_act = config.recompute_granularity == "selective" and "moe_act" in (
+        config.recompute_modules or ()
+    )
+    if recompute_act and config.fp8 and str(config.fp8_recipe).endswith("delayed"):
+        # TransformerConfig refuses this when it is built; a config changed afterwards
+        # would reach TE, whose GroupedLinear raises in the recompute.
+        raise ValueError(
+            "--recompute-modules moe_act cannot be used with --fp8-recipe delayed "
+            "(Transformer Engine's GroupedLinear fails in the recompute): use "
+            "--fp8-recipe tensorwise or blockwise, or drop moe_act."
         )
 
 
@@ -293,6 +325,16 @@ class ExpertActivation(MegatronModule):
         )
 
 
+def _require_unset(**arguments) -> None:
+    given = sorted(name for name, value in arguments.items() if value is not None)
+    if given:
+        raise ValueError(
+            f"PolyCom grouped experts got {', '.join(given)}, which only Megatron's fused "
+            "expert paths use (TE op fuser, NCCL-EP zero copy, inference-optimized MoE); "
+            "turn those off for PolyCom experts."
+        )
+
+
 @contextlib.contextmanager
 def without_child(module: torch.nn.Module, name: str):
     """Hide a child module while Megatron's own ``sharded_state_dict`` walks the others
@@ -359,20 +401,33 @@ class PolyComTEGroupedMLP(_GroupedPolyCom, TEGroupedMLP):
         )
         self._init_polycom(polycom, pg_collection)
 
-    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+    def forward(
+        self,
+        permuted_local_hidden_states,
+        tokens_per_expert,
+        permuted_probs,
+        routing_map=None,
+        output_buffer=None,
+        grad_input_buffer=None,
+    ):
+        # Keywords MoELayer may pass (routing_map in inference-optimized iterations from
+        # 0.17, the NCCL-EP zero-copy buffers from 0.19): both modes are refused by
+        # check_moe_config, so they only ever arrive as None.
+        _require_unset(routing_map=routing_map, output_buffer=output_buffer,
+                       grad_input_buffer=grad_input_buffer)
         tokens_per_expert = tokens_per_expert.tolist()
         hidden = permuted_local_hidden_states
-        quantized = self.config.fp8 or self.config.fp4
-        if quantized:
+        probs = permuted_probs.unsqueeze(-1)
+        pad = (self.config.fp8 or self.config.fp4) and not compat.skip_routed_expert_padding(
+            self.config
+        )
+        if pad:
             # FP8/FP4 GEMMs want each expert's rows padded; everything up to fc2 then runs
             # on the padded split, and padded rows carry probability 0.
+            padding, unpadding = compat.quantization_padders(self)
             actual_tokens_per_expert = tokens_per_expert
-            hidden, tokens_per_expert = self.quantization_padding(hidden, tokens_per_expert)
-            probs, _ = self.quantization_padding(
-                permuted_probs.unsqueeze(-1), actual_tokens_per_expert
-            )
-        else:
-            probs = permuted_probs.unsqueeze(-1)
+            hidden, tokens_per_expert = padding(hidden, tokens_per_expert)
+            probs, _ = padding(probs, actual_tokens_per_expert)
         hidden, probs = self._apply_probs_on_input(hidden, probs)
 
         fc1_output, fc1_bias = self.linear_fc1(hidden, tokens_per_expert)
@@ -383,8 +438,8 @@ class PolyComTEGroupedMLP(_GroupedPolyCom, TEGroupedMLP):
         if self.activation_recompute:
             self.activation_checkpoint.discard_output_and_register_recompute(output)
         output = self._apply_bias(output, output_bias, tokens_per_expert, probs)
-        if quantized:
-            output = self.quantization_unpadding(output, actual_tokens_per_expert)
+        if pad:
+            output = unpadding(output, actual_tokens_per_expert)
         return output, None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
