@@ -406,13 +406,14 @@ class PolyComTEGroupedMLP(_GroupedPolyCom, TEGroupedMLP):
         permuted_local_hidden_states,
         tokens_per_expert,
         permuted_probs,
-        routing_map=None,
         output_buffer=None,
         grad_input_buffer=None,
+        *,
+        routing_map=None,
     ):
-        # Keywords MoELayer may pass (routing_map in inference-optimized iterations from
-        # 0.17, the NCCL-EP zero-copy buffers from 0.19): both modes are refused by
-        # check_moe_config, so they only ever arrive as None.
+        # What MoELayer may pass besides the rows (the NCCL-EP zero-copy buffers from 0.19,
+        # in TEGroupedMLP.forward's order; routing_map= in inference-optimized iterations
+        # from 0.17): check_moe_config refuses those modes, so they only arrive as None.
         _require_unset(routing_map=routing_map, output_buffer=output_buffer,
                        grad_input_buffer=grad_input_buffer)
         tokens_per_expert = tokens_per_expert.tolist()
