@@ -43,6 +43,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from polycom_megatron import compat
 from polycom_megatron.config import PolyComConfig
+from polycom_megatron.layers.activation import Fp32Coefficients, coefficient
 from polycom_megatron.layers.mlp import check_transformer_config
 from polycom_megatron.ops import polynorm, polyrelu
 from polycom_megatron.ops.common import group_size
@@ -178,7 +179,7 @@ class _SharedCoefficientGrad(torch.autograd.Function):
         )
 
 
-class ExpertActivation(MegatronModule):
+class ExpertActivation(Fp32Coefficients, MegatronModule):
     """PolyCom coefficients of one MoE layer's local experts, applied to their rows."""
 
     def __init__(
@@ -200,19 +201,17 @@ class ExpertActivation(MegatronModule):
         self.expt_dp_group = pg_collection.expt_dp
         self._scoped = None
 
-        order, dtype = polycom.order, config.params_dtype
+        order = polycom.order  # float32 coefficients whatever the model dtype, see activation.py
         if self.per_expert:
             for i in range(num_local_experts):
-                weight = torch.nn.Parameter(torch.full((order,), 1.0 / order, dtype=dtype))
-                bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+                weight, bias = coefficient([1.0 / order] * order), coefficient([0.0])
                 for param in (weight, bias):
                     param.allreduce = False
                     count_once_per_expert(param, self.tp_group)
                 self.register_parameter(f"weight{i}", weight)
                 self.register_parameter(f"bias{i}", bias)
         else:
-            self.weight = torch.nn.Parameter(torch.full((order,), 1.0 / order, dtype=dtype))
-            self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+            self.weight, self.bias = coefficient([1.0 / order] * order), coefficient([0.0])
             # DDP sums dense gradients over the ranks that share this rank's dense TP rank.
             # When expert TP is the dense TP group, those ranks split this layer's (token,
             # expert) pairs exactly between them and DDP alone is right; otherwise (expert
