@@ -30,7 +30,8 @@ def _scaled_backward(rank, world_size, moe):
     torch.manual_seed(h.SEED)
     model = build_gpt_model(config, PolyComConfig(kernel="torch"), vocab_size=h.VOCAB,
                             max_sequence_length=h.SEQ)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), Float16Module(config, model))
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=True),
+                                  Float16Module(config, model))
     tokens, position_ids, mask, labels = h.batch()
     steps = []
     for exponent in range(0, 40, 2):  # the loss scales a dynamic scaler would try
@@ -51,6 +52,26 @@ def _scaled_backward(rank, world_size, moe):
             weight_max=max(g.abs().max().item() for g in weights.values()),
             n_coeffs=len(coeffs),
         ))
+    # And Megatron's fp16 distributed optimizer steps them as the float32 params they are.
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-2, fp16=True, use_distributed_optimizer=True,
+        initial_loss_scale=2.0 ** 12), [ddp])
+    before = {n: p.detach().clone() for n, p in ddp.module.named_parameters()
+              if "activation_func" in n}
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = ddp(tokens, position_ids, mask, labels=labels).float().mean()
+    optimizer.scale_loss(loss).backward()
+    finalize_model_grads([ddp])
+    stepped, _, _ = optimizer.step()
+    after = dict(ddp.module.named_parameters())
+    steps[-1]["optimizer"] = dict(
+        stepped=bool(stepped),
+        moved=all(not torch.equal(before[n], after[n]) for n in before),
+        dtypes={str(after[n].dtype) for n in before})
     return steps
 
 
@@ -68,3 +89,4 @@ def test_fp16_model_keeps_coefficient_grads_fp32_and_finite(moe):
     # and still finite at the first scale where a weight gradient overflows.
     assert all(s["coeff_finite"] for s in usable)
     assert steps[len(usable)]["coeff_finite"], steps[len(usable)]
+    assert steps[-1]["optimizer"] == dict(stepped=True, moved=True, dtypes={"torch.float32"})
