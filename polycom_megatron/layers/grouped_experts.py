@@ -25,6 +25,10 @@ Backends: ``PolyComTEGroupedMLP`` (Transformer Engine's grouped linears; needs T
 ``PolyComGroupedMLP`` (megatron-core's legacy ``GroupedMLP``, <= 0.16, needs the
 ``grouped_gemm`` package). Both reuse Megatron's constructors (weights, checkpoint layout)
 and replace only ``forward``, because Megatron calls the activation without the split.
+Under FP8/FP4 the TE forward pads each expert's rows as the stock one does in that release
+(padders and skip rule from ``compat``); Megatron's paths that would bypass our forward
+(TE op fuser, NCCL-EP zero copy, inference-optimized MoE) are refused by name.
+``tests/te_contract.py`` and ``tests/signature_guard.py`` hold this file to every release.
 """
 
 from __future__ import annotations
