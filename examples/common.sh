@@ -10,12 +10,19 @@
 #   batch      MICRO_BATCH GLOBAL_BATCH SEQ_LEN TRAIN_TOKENS (or TRAIN_ITERS)
 #   memory     RECOMPUTE (none|selective|full)
 #   precision  PRECISION (bf16|fp8) FP8_FORMAT (hybrid|e4m3) FP8_RECIPE (delayed|tensorwise|blockwise|mxfp8)
+#              COMPUTE_CAPABILITY (the GPUs', e.g. 9.0 for H100/H200, 10.0 for B200; default:
+#              asked from torch on this node). FP8 needs every per-rank GEMM width a multiple
+#              of 16 (32 for MXFP8) and MXFP8 needs 10.0+: the layout check says which width
+#              to use instead. --recompute-modules moe_act does not work with delayed scaling.
 #   state      CKPT_DIR SAVE_INTERVAL RESUME (auto: continue from CKPT_DIR if it holds one | 0)
 #   logging    TENSORBOARD_DIR WANDB_PROJECT (optional) WANDB_EXP_NAME
 #   data       DATA_PATH TOKENIZER_TYPE TOKENIZER_MODEL, or MOCK_DATA=1 (synthetic, for smoke runs)
+#   widths     FFN_HIDDEN, MOE_FFN_HIDDEN (the script's architecture; change them only to
+#              align FP8 GEMMs, as the layout check suggests)
 #   tools      LAUNCHER (polycom-megatron) PYTHON (python3) POLYCOM_KERNEL (auto)
 #
-# --dry-run prints the resolved command after checking that the layout divides; nothing
+# --dry-run prints the resolved command after checking that the layout divides (and, for
+# PRECISION=fp8, that the GEMM widths and the device suit the recipe); nothing
 # touches a GPU before those checks pass, in a dry run or a real one.
 
 set -euo pipefail
@@ -89,9 +96,8 @@ check_knobs() {
         die "NODE_RANK=$NODE_RANK must be in 0..$((NNODES - 1)) (NNODES=$NNODES)"
     one_of SP "$SP" 0 1
     one_of RECOMPUTE "$RECOMPUTE" none selective full
-    one_of PRECISION "$PRECISION" bf16 fp8
+    # PRECISION and FP8_RECIPE are checked with the layout (polycom_megatron.layout).
     one_of FP8_FORMAT "$FP8_FORMAT" hybrid e4m3
-    one_of FP8_RECIPE "$FP8_RECIPE" delayed tensorwise blockwise mxfp8
     one_of RESUME "$RESUME" auto 0
     one_of ACTIVATION "$ACTIVATION" polynorm polyrelu swiglu
     if [[ "$MOCK_DATA" != 1 ]]; then
@@ -101,9 +107,12 @@ check_knobs() {
 }
 
 check_layout() {
-    local moe=()
+    local moe=() device=()
     if [[ -n "${NUM_EXPERTS:-}" ]]; then
         moe=(--num-experts "$NUM_EXPERTS" --moe-ffn-hidden-size "$MOE_FFN_HIDDEN")
+    fi
+    if [[ -n "${COMPUTE_CAPABILITY:-}" ]]; then
+        device=(--compute-capability "$COMPUTE_CAPABILITY")
     fi
     "$PYTHON" -m polycom_megatron.layout \
         --world-size $((NNODES * GPUS_PER_NODE)) --tp "$TP" --pp "$PP" --ep "$EP" \
@@ -111,7 +120,9 @@ check_layout() {
         --num-layers "$NUM_LAYERS" --num-heads "$NUM_HEADS" \
         --num-query-groups "${NUM_QUERY_GROUPS:-$NUM_HEADS}" \
         --ffn-hidden-size "$FFN_HIDDEN" "${moe[@]}" \
-        --micro-batch "$MICRO_BATCH" --global-batch "$GLOBAL_BATCH" --seq-length "$SEQ_LEN" ||
+        --micro-batch "$MICRO_BATCH" --global-batch "$GLOBAL_BATCH" --seq-length "$SEQ_LEN" \
+        --hidden-size "$HIDDEN" --activation "$ACTIVATION" \
+        --precision "$PRECISION" --fp8-recipe "$FP8_RECIPE" "${device[@]}" ||
         die "fix the knobs above (see the top of examples/common.sh)"
 }
 

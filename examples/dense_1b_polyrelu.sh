@@ -6,7 +6,7 @@
 # Usage: [KNOB=value ...] examples/dense_1b_polyrelu.sh [--dry-run] [Megatron args]; knobs: common.sh
 NAME=dense-1b-polyrelu
 NUM_LAYERS=24 HIDDEN=2048 NUM_HEADS=16
-FFN_HIDDEN=8256
+FFN_HIDDEN=${FFN_HIDDEN:-8256}  # a knob: FP8 at TP=8 needs 8320 (the layout check says so)
 ACTIVATION=polyrelu
 MICRO_BATCH=${MICRO_BATCH:-2} GLOBAL_BATCH=${GLOBAL_BATCH:-64}
 LR=${LR:-3e-4} MIN_LR=${MIN_LR:-3e-5}

@@ -6,7 +6,7 @@
 # Usage: [KNOB=value ...] examples/dense_1b_swiglu.sh [--dry-run] [Megatron args]; knobs: common.sh
 NAME=dense-1b-swiglu
 NUM_LAYERS=24 HIDDEN=2048 NUM_HEADS=16
-FFN_HIDDEN=5504
+FFN_HIDDEN=${FFN_HIDDEN:-5504}
 ACTIVATION=swiglu
 MICRO_BATCH=${MICRO_BATCH:-2} GLOBAL_BATCH=${GLOBAL_BATCH:-64}
 LR=${LR:-3e-4} MIN_LR=${MIN_LR:-3e-5}

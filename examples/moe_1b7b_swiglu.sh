@@ -6,9 +6,9 @@
 # Usage: [KNOB=value ...] examples/moe_1b7b_swiglu.sh [--dry-run] [Megatron args]; knobs: common.sh
 NAME=moe-1b7b-swiglu
 NUM_LAYERS=16 HIDDEN=2048 NUM_HEADS=16
-NUM_EXPERTS=64 TOPK=8 MOE_FFN_HIDDEN=1024
+NUM_EXPERTS=64 TOPK=8 MOE_FFN_HIDDEN=${MOE_FFN_HIDDEN:-1024}
 # Every layer is MoE, so --ffn-hidden-size builds nothing; it mirrors the expert width.
-FFN_HIDDEN=$MOE_FFN_HIDDEN
+FFN_HIDDEN=${FFN_HIDDEN:-$MOE_FFN_HIDDEN}
 MOE_AUX_LOSS=1e-2 MOE_Z_LOSS=1e-3
 ACTIVATION=swiglu
 EP=${EP:-8}

@@ -160,3 +160,31 @@ def legacy_grouped_gemm():
     from megatron.core.transformer.moe import grouped_gemm_util
 
     return grouped_gemm_util
+
+
+# --- FP8 / FP4 expert padding ----------------------------------------------------------
+# TEGroupedMLP.__init__ builds Transformer Engine's Fp8Padding / Fp8Unpadding under FP8 or
+# FP4. megatron-core 0.15 stores them as ``fp8_padding`` / ``fp8_unpadding``; 0.16 renamed
+# them ``quantization_padding`` / ``quantization_unpadding``. From 0.18 upstream skips its
+# own padding when the router (``moe_router_padding_for_quantization``) or the flex
+# dispatcher's backend has already padded each expert's rows.
+
+QUANTIZATION_PADDING_ATTRS = (
+    ("quantization_padding", "quantization_unpadding")
+    if MCORE_VERSION >= (0, 16)
+    else ("fp8_padding", "fp8_unpadding")
+)
+
+
+def quantization_padders(experts):
+    """``(pad, unpad)``: the Fp8Padding / Fp8Unpadding modules TEGroupedMLP built."""
+    pad, unpad = QUANTIZATION_PADDING_ATTRS
+    return getattr(experts, pad), getattr(experts, unpad)
+
+
+def skip_routed_expert_padding(config) -> bool:
+    """Whether the experts must not pad their rows for FP8/FP4 (already padded upstream)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    skip = getattr(moe_utils, "skip_routed_expert_padding", None)
+    return False if skip is None else bool(skip(config))

@@ -6,6 +6,7 @@ is never reached, which is what --dry-run promises.
 """
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -108,7 +109,8 @@ def test_knobs_reach_the_command(tmp_path):
     (ckpt / "latest_checkpointed_iteration.txt").write_text("1200")
     code, out, err = run(
         "moe_1b7b_polynorm.sh", "--dry-run", TP="2", ETP="1", EP="4", PP="2", PRECISION="fp8",
-        FP8_FORMAT="e4m3", FP8_RECIPE="mxfp8", RECOMPUTE="full", CKPT_DIR=str(ckpt),
+        FP8_FORMAT="e4m3", FP8_RECIPE="mxfp8", COMPUTE_CAPABILITY="10.0", RECOMPUTE="full",
+        CKPT_DIR=str(ckpt),
         TENSORBOARD_DIR=str(tmp_path / "tb"), WANDB_PROJECT="polycom", MICRO_BATCH="2",
         TRAIN_ITERS="10")
     assert code == 0, err
@@ -164,3 +166,89 @@ def test_slurm_dry_run_runs_one_torchrun_per_node():
 
     code, _, err = run("slurm.sbatch", "examples/dense_1b_polynorm.sh", "--dry-run")
     assert code != 0 and "not inside a SLURM job" in err
+
+
+# --- FP8: the scripts and polycom_megatron.layout share one check -----------------------
+
+FP8_TP8 = dict(PRECISION="fp8", TP="8", COMPUTE_CAPABILITY="9.0")
+
+
+def test_fp8_at_tp8_refuses_the_dense_width_and_names_one_that_works():
+    code, out, err = run("dense_1b_polynorm.sh", "--dry-run", **FP8_TP8)
+    assert code == 1 and "command:" not in out
+    assert "FFN_HIDDEN=8256 at TP=8 gives 1032 per rank" in err
+    assert "use FFN_HIDDEN=8320 = polycom_megatron.matched_ffn_hidden_size(5504, multiple_of=128)" in err
+    code, out, err = run("dense_1b_polynorm.sh", "--dry-run", FFN_HIDDEN="8320", **FP8_TP8)
+    assert code == 0, err
+    args = megatron_args(command(out))
+    assert value(args, "--ffn-hidden-size") == "8320" and value(args, "--fp8-recipe") == "delayed"
+
+
+@pytest.mark.parametrize("capability, source", [("9.0", "from COMPUTE_CAPABILITY=9.0"),
+                                                (None, "no CUDA device visible here")])
+def test_mxfp8_is_refused_by_name_on_hopper_or_an_unknown_device(capability, source):
+    env = dict(PRECISION="fp8", FP8_RECIPE="mxfp8")
+    if capability:
+        env["COMPUTE_CAPABILITY"] = capability
+    code, out, err = run("moe_1b7b_polynorm.sh", "--dry-run", **env)
+    assert code == 1 and "command:" not in out
+    assert "MXFP8 (FP8_RECIPE=mxfp8) needs compute capability 10.0+" in err and source in err
+    code, out, err = run("moe_1b7b_polynorm.sh", "--dry-run", **dict(env, COMPUTE_CAPABILITY="10.0"))
+    assert code == 0, err
+
+
+def _architecture(script):
+    """The widths a script sets (its defaults), read from the file itself."""
+    text = (EXAMPLES / script).read_text()
+    found = {}
+    for key in ("NUM_LAYERS", "HIDDEN", "NUM_HEADS", "NUM_EXPERTS", "FFN_HIDDEN",
+                "MOE_FFN_HIDDEN", "ACTIVATION"):
+        match = re.search(rf"\b{key}=(?:\$\{{{key}:-)?([\w$]+)", text)
+        if match:
+            found[key] = match.group(1)
+    if found.get("FFN_HIDDEN") == "$MOE_FFN_HIDDEN":
+        found["FFN_HIDDEN"] = found["MOE_FFN_HIDDEN"]
+    return found
+
+
+# Which (script, recipe) fail at which TP (= ETP): worked out by hand from the widths,
+# per rank FFN / TP against 16 (32 for MXFP8); attention (2048 / TP) always aligns.
+FP8_FAILS_AT = {
+    ("dense_1b_polynorm.sh", "delayed"): {8: "FFN_HIDDEN=8256 at TP=8 gives 1032"},
+    ("dense_1b_polyrelu.sh", "delayed"): {8: "FFN_HIDDEN=8256 at TP=8 gives 1032"},
+    ("dense_1b_swiglu.sh", "delayed"): {},
+    ("moe_1b7b_polynorm.sh", "delayed"): {},
+    ("moe_1b7b_swiglu.sh", "delayed"): {},
+    ("dense_1b_polynorm.sh", "mxfp8"): {4: "FFN_HIDDEN=8256 at TP=4 gives 2064",
+                                        8: "FFN_HIDDEN=8256 at TP=8 gives 1032"},
+    ("dense_1b_polyrelu.sh", "mxfp8"): {4: "FFN_HIDDEN=8256 at TP=4 gives 2064",
+                                        8: "FFN_HIDDEN=8256 at TP=8 gives 1032"},
+    ("dense_1b_swiglu.sh", "mxfp8"): {8: "FFN_HIDDEN=5504 at TP=8 gives 688"},
+    ("moe_1b7b_polynorm.sh", "mxfp8"): {},
+    ("moe_1b7b_swiglu.sh", "mxfp8"): {},
+}
+
+
+@pytest.mark.parametrize("script, recipe", sorted(FP8_FAILS_AT))
+def test_fp8_width_arithmetic_of_every_example_at_tp_1_2_4_8(script, recipe):
+    from polycom_megatron import layout
+
+    arch = _architecture(script)
+    moe = "NUM_EXPERTS" in arch
+    for tp in (1, 2, 4, 8):
+        problems = layout.check_layout(
+            world_size=64, tp=tp, etp=tp, ep=8 if moe else 1, sequence_parallel=tp > 1,
+            num_layers=int(arch["NUM_LAYERS"]), num_heads=int(arch["NUM_HEADS"]),
+            hidden_size=int(arch["HIDDEN"]), ffn_hidden_size=int(arch["FFN_HIDDEN"]),
+            num_experts=int(arch["NUM_EXPERTS"]) if moe else None,
+            moe_ffn_hidden_size=int(arch["MOE_FFN_HIDDEN"]) if moe else None,
+            activation=arch["ACTIVATION"], micro_batch=1, global_batch=1024, seq_length=4096,
+            precision="fp8", fp8_recipe=recipe, compute_capability="10.0")
+        expected = FP8_FAILS_AT[(script, recipe)].get(tp)
+        if expected is None:
+            assert problems == [], (tp, problems)
+        else:
+            assert len(problems) == 1 and problems[0].startswith(expected), (tp, problems)
+            # The suggested width fixes it.
+            width = int(re.search(r"use FFN_HIDDEN=(\d+)", problems[0]).group(1))
+            assert width % (tp * layout.fp8_alignment(recipe)) == 0

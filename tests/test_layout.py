@@ -67,3 +67,70 @@ def test_cli_ok_and_failure(capsys):
     assert layout.main(["--world-size", "16", "--pp", "5", "--num-layers", "24",
                         "--num-heads", "16", "--micro-batch", "2", "--global-batch", "64"]) == 1
     assert "PP=5" in capsys.readouterr().err
+
+
+# --- FP8 -------------------------------------------------------------------------------
+
+FP8 = dict(DENSE, hidden_size=2048, activation="polynorm", precision="fp8",
+           compute_capability="9.0", sequence_parallel=True)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(tp=8), "FFN_HIDDEN=8256 at TP=8 gives 1032 per rank: FP8 GEMMs (FP8_RECIPE=delayed) "
+                     "need every per-rank GEMM dimension divisible by 16; use FFN_HIDDEN=8320 = "
+                     "polycom_megatron.matched_ffn_hidden_size(5504, multiple_of=128)"),
+        (dict(tp=4, fp8_recipe="mxfp8", compute_capability="10.0"),
+         "FFN_HIDDEN=8256 at TP=4 gives 2064 per rank"),
+        (dict(tp=2, fp8_recipe="mxfp8"), "MXFP8 (FP8_RECIPE=mxfp8) needs compute capability "
+                                         "10.0+, and this device is 9.0 (from COMPUTE_CAPABILITY=9.0)"),
+        (dict(tp=2, compute_capability="8.0"), "FP8 (PRECISION=fp8) needs compute capability 8.9+"),
+        (dict(tp=2, hidden_size=2056, num_heads=8), "HIDDEN=2056"),
+        (dict(tp=8, hidden_size=2048, num_heads=16, num_query_groups=8, kv_channels=68,
+              ffn_hidden_size=8320), "attention at TP=8 gives per-rank widths 136 (projection) and 272 (QKV)"),
+        (dict(tp=2, fp8_recipe="nvfp4"), "FP8_RECIPE=nvfp4 is not one of"),
+        (dict(precision="fp16"), "PRECISION=fp16 is not one of"),
+        (dict(MOE, tp=1, etp=8, hidden_size=2048, precision="fp8", moe_ffn_hidden_size=1544,
+              compute_capability="9.0", ffn_hidden_size=1536, activation="polynorm"),
+         "MOE_FFN_HIDDEN=1544 at ETP=8 gives 193 per rank"),
+    ],
+)
+def test_fp8_rules_name_the_knob_and_a_width_that_works(change, expected):
+    problems = layout.check_layout(**dict(FP8, **change))
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_fp8_accepts_aligned_layouts_and_bf16_ignores_alignment():
+    assert layout.check_layout(**dict(FP8, tp=8, ffn_hidden_size=8320)) == []
+    assert layout.check_layout(**dict(FP8, tp=4)) == []
+    assert layout.check_layout(**dict(FP8, tp=8, precision="bf16")) == []
+    assert layout.check_layout(**dict(FP8, tp=2, fp8_recipe="mxfp8", compute_capability="10.0")) == []
+
+
+def test_suggested_width_keeps_the_matched_rule():
+    from polycom_megatron.config import matched_ffn_hidden_size
+
+    assert layout.aligned_width(8256, 128, "polynorm").startswith(
+        f"{matched_ffn_hidden_size(5504, multiple_of=128)} = ")
+    assert layout.aligned_width(5504, 256, "swiglu") == "5632"  # not a PolyCom width
+
+
+def test_device_capability_sources(monkeypatch):
+    import torch
+
+    assert layout.device_capability("10.0") == ((10, 0), "COMPUTE_CAPABILITY=10.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert layout.device_capability(None) == (None, "no CUDA device visible here")
+    with pytest.raises(ValueError, match="COMPUTE_CAPABILITY=hopper is not of the form 9.0"):
+        layout.device_capability("hopper")
+
+
+def test_cli_fp8(capsys):
+    base = ["--world-size", "16", "--num-layers", "24", "--num-heads", "16", "--micro-batch", "2",
+            "--global-batch", "64", "--hidden-size", "2048", "--ffn-hidden-size", "8256",
+            "--activation", "polynorm", "--precision", "fp8", "--tp", "8", "--sequence-parallel", "1"]
+    assert layout.main(base) == 1
+    assert "use FFN_HIDDEN=8320" in capsys.readouterr().err
+    assert layout.main(base + ["--compute-capability", "hopper"]) == 1
+    assert "COMPUTE_CAPABILITY=hopper" in capsys.readouterr().err

@@ -10,6 +10,13 @@ the full gradient. The parameters therefore carry neither ``sequence_parallel`` 
 would sum them across TP a second time) nor ``tensor_model_parallel`` (they are counted
 once in the grad norm, on TP rank 0). Being 1-D, they are excluded from weight decay by
 Megatron's default rule, like biases and norm weights.
+
+Precision. The coefficients stay float32 whatever the model dtype (``Fp32Coefficients``).
+Their gradients are sums over every row and hidden unit of a layer, about 1000x the
+largest weight gradient: in fp16 they overflow first and drag the dynamic loss scale
+down for every weight, in bf16 they lose their low bits. Megatron's DDP gives float32
+parameters float32 gradient buffers and its mixed-precision optimizers keep them as
+float32 parameters, so nothing else changes.
 """
 
 from __future__ import annotations
@@ -26,7 +33,37 @@ from polycom_megatron.ops import polynorm, polyrelu
 from polycom_megatron.ops.common import group_size
 
 
-class PolyComActivation(MegatronModule):
+class Fp32Coefficients:
+    """Mixin for a module whose own parameters stay float32 when the model is cast.
+
+    Megatron's ``Float16Module`` casts the whole model with ``.half()`` / ``.bfloat16()``;
+    those (and ``.to(dtype)``) reach this module's parameters through ``_apply``, which
+    here only moves them to the target device. Children and buffers are cast as usual.
+    """
+
+    def _apply(self, fn, recurse=True):
+        own = {name: p for name, p in self._parameters.items() if p is not None}
+        for name in own:
+            self._parameters[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters.update(own)
+        for param in own.values():
+            # Where fn sends a float32 tensor from here: its device (its dtype is dropped).
+            device = fn(torch.empty(0, dtype=torch.float32, device=param.device)).device
+            param.data = param.data.to(device=device, dtype=torch.float32)
+            if param.grad is not None:
+                param.grad = param.grad.to(device=device, dtype=torch.float32)
+        return self
+
+
+def coefficient(values) -> torch.nn.Parameter:
+    """A float32 coefficient parameter (see "Precision" above)."""
+    return torch.nn.Parameter(torch.as_tensor(values, dtype=torch.float32).clone())
+
+
+class PolyComActivation(Fp32Coefficients, MegatronModule):
     """PolyNorm or PolyReLU over the last dimension, with its own coefficients.
 
     Storage follows the authors' checkpoints: ``weight = [a_r, ..., a_1]``, ``bias = [a_0]``.
@@ -44,10 +81,8 @@ class PolyComActivation(MegatronModule):
         # Megatron's default sharded_state_dict reads self.tp_group to mark replicas.
         self.tp_group = tp_group
         order = polycom.order
-        self.weight = torch.nn.Parameter(
-            torch.full((order,), 1.0 / order, dtype=config.params_dtype)
-        )
-        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
+        self.weight = coefficient([1.0 / order] * order)
+        self.bias = coefficient([0.0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.tp_group if group_size(self.tp_group) > 1 else None

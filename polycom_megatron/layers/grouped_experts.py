@@ -25,6 +25,10 @@ Backends: ``PolyComTEGroupedMLP`` (Transformer Engine's grouped linears; needs T
 ``PolyComGroupedMLP`` (megatron-core's legacy ``GroupedMLP``, <= 0.16, needs the
 ``grouped_gemm`` package). Both reuse Megatron's constructors (weights, checkpoint layout)
 and replace only ``forward``, because Megatron calls the activation without the split.
+Under FP8/FP4 the TE forward pads each expert's rows as the stock one does in that release
+(padders and skip rule from ``compat``); Megatron's paths that would bypass our forward
+(TE op fuser, NCCL-EP zero copy, inference-optimized MoE) are refused by name.
+``tests/te_contract.py`` and ``tests/signature_guard.py`` hold this file to every release.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from polycom_megatron import compat
 from polycom_megatron.config import PolyComConfig
+from polycom_megatron.layers.activation import Fp32Coefficients, coefficient
 from polycom_megatron.layers.mlp import check_transformer_config
 from polycom_megatron.ops import polynorm, polyrelu
 from polycom_megatron.ops.common import group_size
@@ -63,11 +68,43 @@ def check_moe_config(config: TransformerConfig, polycom: PolyComConfig) -> None:
             "scale away, so the router would get no gradient through the experts: drop the "
             "flag with PolyNorm experts (PolyReLU accepts it)."
         )
+    if config.moe_apply_probs_on_input and config.moe_router_topk != 1:
+        # A token's input can carry one expert's probability only (upstream asserts it).
+        raise ValueError(
+            f"--moe-apply-probs-on-input works only with --moe-router-topk 1, got "
+            f"{config.moe_router_topk}: set top-1 routing or drop the flag."
+        )
     offloaded = set(getattr(config, "offload_modules", None) or ()) & {"expert_fc1", "moe_act"}
     if getattr(config, "fine_grained_activation_offloading", False) and offloaded:
         raise ValueError(
             f"--offload-modules {' '.join(sorted(offloaded))} is not supported with PolyCom "
             "experts; drop those modules from --offload-modules."
+        )
+    # Each of these makes Megatron run its own expert computation instead of our forward.
+    for field, flag in (
+        ("use_transformer_engine_op_fuser", "--use-transformer-engine-op-fuser"),
+        ("moe_ncclep_zero_copy", "--moe-ncclep-zero-copy"),
+    ):
+        if getattr(config, field, False):
+            raise ValueError(
+                f"{flag} ({field}) runs Transformer Engine's fused SwiGLU/GELU expert MLP, "
+                "which has no PolyCom version: drop the flag for PolyCom experts."
+            )
+    if getattr(config, "transformer_impl", None) == "inference_optimized":
+        raise ValueError(
+            "--transformer-impl inference_optimized runs Megatron's fused inference MoE "
+            "kernels, which have no PolyCom version: use transformer_engine or local."
+        )
+    recompute_act = config.recompute_granularity == "selective" and "moe_act" in (
+        config.recompute_modules or ()
+    )
+    if recompute_act and config.fp8 and str(config.fp8_recipe).endswith("delayed"):
+        # TransformerConfig refuses this when it is built; a config changed afterwards
+        # would reach TE, whose GroupedLinear raises in the recompute.
+        raise ValueError(
+            "--recompute-modules moe_act cannot be used with --fp8-recipe delayed "
+            "(Transformer Engine's GroupedLinear fails in the recompute): use "
+            "--fp8-recipe tensorwise or blockwise, or drop moe_act."
         )
 
 
@@ -146,7 +183,7 @@ class _SharedCoefficientGrad(torch.autograd.Function):
         )
 
 
-class ExpertActivation(MegatronModule):
+class ExpertActivation(Fp32Coefficients, MegatronModule):
     """PolyCom coefficients of one MoE layer's local experts, applied to their rows."""
 
     def __init__(
@@ -168,19 +205,17 @@ class ExpertActivation(MegatronModule):
         self.expt_dp_group = pg_collection.expt_dp
         self._scoped = None
 
-        order, dtype = polycom.order, config.params_dtype
+        order = polycom.order  # float32 coefficients whatever the model dtype, see activation.py
         if self.per_expert:
             for i in range(num_local_experts):
-                weight = torch.nn.Parameter(torch.full((order,), 1.0 / order, dtype=dtype))
-                bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+                weight, bias = coefficient([1.0 / order] * order), coefficient([0.0])
                 for param in (weight, bias):
                     param.allreduce = False
                     count_once_per_expert(param, self.tp_group)
                 self.register_parameter(f"weight{i}", weight)
                 self.register_parameter(f"bias{i}", bias)
         else:
-            self.weight = torch.nn.Parameter(torch.full((order,), 1.0 / order, dtype=dtype))
-            self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+            self.weight, self.bias = coefficient([1.0 / order] * order), coefficient([0.0])
             # DDP sums dense gradients over the ranks that share this rank's dense TP rank.
             # When expert TP is the dense TP group, those ranks split this layer's (token,
             # expert) pairs exactly between them and DDP alone is right; otherwise (expert
@@ -293,6 +328,16 @@ class ExpertActivation(MegatronModule):
         )
 
 
+def _require_unset(**arguments) -> None:
+    given = sorted(name for name, value in arguments.items() if value is not None)
+    if given:
+        raise ValueError(
+            f"PolyCom grouped experts got {', '.join(given)}, which only Megatron's fused "
+            "expert paths use (TE op fuser, NCCL-EP zero copy, inference-optimized MoE); "
+            "turn those off for PolyCom experts."
+        )
+
+
 @contextlib.contextmanager
 def without_child(module: torch.nn.Module, name: str):
     """Hide a child module while Megatron's own ``sharded_state_dict`` walks the others
@@ -359,20 +404,34 @@ class PolyComTEGroupedMLP(_GroupedPolyCom, TEGroupedMLP):
         )
         self._init_polycom(polycom, pg_collection)
 
-    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+    def forward(
+        self,
+        permuted_local_hidden_states,
+        tokens_per_expert,
+        permuted_probs,
+        output_buffer=None,
+        grad_input_buffer=None,
+        *,
+        routing_map=None,
+    ):
+        # What MoELayer may pass besides the rows (the NCCL-EP zero-copy buffers from 0.19,
+        # in TEGroupedMLP.forward's order; routing_map= in inference-optimized iterations
+        # from 0.17): check_moe_config refuses those modes, so they only arrive as None.
+        _require_unset(routing_map=routing_map, output_buffer=output_buffer,
+                       grad_input_buffer=grad_input_buffer)
         tokens_per_expert = tokens_per_expert.tolist()
         hidden = permuted_local_hidden_states
-        quantized = self.config.fp8 or self.config.fp4
-        if quantized:
+        probs = permuted_probs.unsqueeze(-1)
+        pad = (self.config.fp8 or self.config.fp4) and not compat.skip_routed_expert_padding(
+            self.config
+        )
+        if pad:
             # FP8/FP4 GEMMs want each expert's rows padded; everything up to fc2 then runs
             # on the padded split, and padded rows carry probability 0.
+            padding, unpadding = compat.quantization_padders(self)
             actual_tokens_per_expert = tokens_per_expert
-            hidden, tokens_per_expert = self.quantization_padding(hidden, tokens_per_expert)
-            probs, _ = self.quantization_padding(
-                permuted_probs.unsqueeze(-1), actual_tokens_per_expert
-            )
-        else:
-            probs = permuted_probs.unsqueeze(-1)
+            hidden, tokens_per_expert = padding(hidden, tokens_per_expert)
+            probs, _ = padding(probs, actual_tokens_per_expert)
         hidden, probs = self._apply_probs_on_input(hidden, probs)
 
         fc1_output, fc1_bias = self.linear_fc1(hidden, tokens_per_expert)
@@ -383,8 +442,8 @@ class PolyComTEGroupedMLP(_GroupedPolyCom, TEGroupedMLP):
         if self.activation_recompute:
             self.activation_checkpoint.discard_output_and_register_recompute(output)
         output = self._apply_bias(output, output_bias, tokens_per_expert, probs)
-        if quantized:
-            output = self.quantization_unpadding(output, actual_tokens_per_expert)
+        if pad:
+            output = unpadding(output, actual_tokens_per_expert)
         return output, None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
