@@ -42,7 +42,7 @@ from polycom_megatron.layers.grouped_experts import (
     check_moe_config,
     count_once_per_expert,
 )
-from polycom_megatron.layers.mlp import PolyComMLP, check_transformer_config
+from polycom_megatron.layers.mlp import PolyComMLP, check_transformer_config, spec_polycom
 
 
 def _activation_spec(polycom: PolyComConfig) -> ModuleSpec:
@@ -142,7 +142,7 @@ class PolyComSharedExpertMLP(SharedExpertMLP):
     It is sharded over the dense TP group, so its activation reduces over that group."""
 
     def __init__(self, config, submodules, gate, pg_collection=None, name=None):
-        check_transformer_config(config)
+        check_transformer_config(config, spec_polycom(submodules.activation_func))
         if getattr(config, "use_grouped_gemm_for_shared_expert", False):
             raise ValueError(
                 "--use-grouped-gemm-for-shared-expert (use_grouped_gemm_for_shared_expert) "
