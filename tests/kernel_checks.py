@@ -27,3 +27,14 @@ def close(actual, expected, tol, what=""):
     err = (a - e).abs().max().item()
     scale = max(1.0, e.abs().max().item())
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+def within_one_ulp(got, want_fp32):
+    """Every element of a low-precision result within one of its ulps of the fp32 result
+    (computed in fp32 and rounded once; summation order differs between kernels, so a tie
+    may round either way). Returns the largest error in units of eps * |want|."""
+    eps = torch.finfo(got.dtype).eps
+    ulp = eps * want_fp32.abs().clamp_min(torch.finfo(got.dtype).tiny)
+    err = (got.float() - want_fp32).abs()
+    assert (err <= ulp).all(), f"{got.dtype}: {(err > ulp).sum().item()} elements beyond one ulp"
+    return (err / ulp).max().item() if err.numel() else 0.0
