@@ -33,25 +33,21 @@ FORMS = {
     "polynorm-glu": dict(activation="polynorm", gated=True),
     "polyrelu-glu-no-bias": dict(activation="polyrelu", gated=True, bias=False),
 }
+EVERY_LAYOUT = [
+    h.Layout(ep=2),
+    h.Layout(ep=4),
+    h.Layout(ep=2, etp=2),
+    h.Layout(tp=2, sp=True, ep=2, etp=1),
+    h.Layout(tp=2, sp=True, ep=2),
+    h.Layout(pp=2, ep=2),
+]
+# Expert TP = 2 != TP, and TP = 2 (SP) != expert TP = 1.
+TWO_LAYOUTS = [h.Layout(ep=2, etp=2), h.Layout(tp=2, sp=True, ep=2, etp=1)]
 LAYOUTS = {
-    "polynorm": [
-        h.Layout(ep=2),
-        h.Layout(ep=4),
-        h.Layout(ep=2, etp=2),
-        h.Layout(tp=2, sp=True, ep=2, etp=1),
-        h.Layout(tp=2, sp=True, ep=2),
-        h.Layout(pp=2, ep=2),
-    ],
-    "polyrelu": [h.Layout(ep=2, etp=2), h.Layout(tp=2, sp=True, ep=2, etp=1)],
-    "polynorm-glu": [
-        h.Layout(ep=2),
-        h.Layout(ep=4),
-        h.Layout(ep=2, etp=2),
-        h.Layout(tp=2, sp=True, ep=2, etp=1),
-        h.Layout(tp=2, sp=True, ep=2),
-        h.Layout(pp=2, ep=2),
-    ],
-    "polyrelu-glu-no-bias": [h.Layout(ep=2, etp=2), h.Layout(tp=2, sp=True, ep=2, etp=1)],
+    "polynorm": EVERY_LAYOUT,
+    "polyrelu": TWO_LAYOUTS,
+    "polynorm-glu": EVERY_LAYOUT,
+    "polyrelu-glu-no-bias": TWO_LAYOUTS,
 }
 # Grouped backends and recompute are checked on these forms.
 GROUPED_FORMS = ("polynorm", "polynorm-glu")
@@ -213,6 +209,8 @@ def test_probs_on_input_is_refused_for_polynorm_only():
     with pytest.raises(ValueError, match="--moe-apply-probs-on-input"):
         check_moe_config(config, polynorm)
     check_moe_config(config, PolyComConfig(activation="polyrelu"))
+    # PolyNorm-GLU keeps the probability through its up projection: accepted.
+    check_moe_config(dataclasses.replace(config, gated_linear_unit=True), PolyComConfig(gated=True))
     # Every experts module checks before building anything.
     builders = [
         lambda: PolyComSequentialMLP(2, config, None, polycom=polynorm),
