@@ -38,3 +38,44 @@ def within_one_ulp(got, want_fp32):
     err = (got.float() - want_fp32).abs()
     assert (err <= ulp).all(), f"{got.dtype}: {(err > ulp).sum().item()} elements beyond one ulp"
     return (err / ulp).max().item() if err.numel() else 0.0
+
+
+# Output tolerance (relative to the largest reference value) of the Triton kernels per I/O
+# dtype (fp16 has more mantissa than bf16; one tolerance covers both).
+OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def use_path(monkeypatch, path):
+    """Launch configuration of the Triton kernels: "default", or tiny blocks that send
+    widths > 32 through the multi-block code, with rows in one program per row block
+    ("two_pass") or split over several programs ("split")."""
+    from polycom_megatron.ops import polynorm_triton as pt
+
+    if path != "default":
+        monkeypatch.setattr(pt, "WHOLE_ROW_MAX", 32)
+        monkeypatch.setattr(pt, "CHUNK_SIZES", (32,))
+        monkeypatch.setattr(pt, "TILE", 64)
+        programs = 1 if path == "two_pass" else 1024
+        monkeypatch.setattr(pt, "target_programs", lambda device: programs)
+
+
+def grads(fn, x, weight, bias, dy):
+    """(y, dx, dweight, dbias) of ``fn(x, weight, bias)`` for the output gradient dy; bias
+    may be None (then dbias is None)."""
+    leaves = [t if t is None else t.detach().requires_grad_() for t in (x, weight, bias)]
+    y = fn(*leaves)
+    wanted = [t for t in leaves if t is not None]
+    got = list(torch.autograd.grad(y, wanted, dy))
+    return (y, *got) if bias is not None else (y, *got, None)
+
+
+def check_against(fn, ref, x, weight, bias, dy, coeff_tol=1e-4):
+    """Output and gradients of ``fn`` equal those of ``ref`` (OUT_TOL for y and dx)."""
+    tol = OUT_TOL[x.dtype]
+    got, want = grads(fn, x, weight, bias, dy), grads(ref, x, weight, bias, dy)
+    names, tols = ("y", "dx", "dweight", "dbias"), (tol, tol, coeff_tol, coeff_tol)
+    for name, a, b, t in zip(names, got, want, tols):
+        if b is None:
+            assert a is None, name
+        else:
+            close(a, b, t, name)
