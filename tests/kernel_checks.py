@@ -49,14 +49,14 @@ def use_path(monkeypatch, path):
     """Launch configuration of the Triton kernels: "default", or tiny blocks that send
     widths > 32 through the multi-block code, with rows in one program per row block
     ("two_pass") or split over several programs ("split")."""
-    from polycom_megatron.ops import polynorm_triton as pt
+    from polycom_megatron.ops import triton_common as tc
 
     if path != "default":
-        monkeypatch.setattr(pt, "WHOLE_ROW_MAX", 32)
-        monkeypatch.setattr(pt, "CHUNK_SIZES", (32,))
-        monkeypatch.setattr(pt, "TILE", 64)
+        monkeypatch.setattr(tc, "WHOLE_ROW_MAX", 32)
+        monkeypatch.setattr(tc, "CHUNK_SIZES", (32,))
+        monkeypatch.setattr(tc, "TILE", 64)
         programs = 1 if path == "two_pass" else 1024
-        monkeypatch.setattr(pt, "target_programs", lambda device: programs)
+        monkeypatch.setattr(tc, "target_programs", lambda device: programs)
 
 
 def grads(fn, x, weight, bias, dy):

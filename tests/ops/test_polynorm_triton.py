@@ -13,9 +13,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_checks import close, make_inputs as _make_inputs  # noqa: E402
+from kernel_checks import close, make_inputs as _make_inputs, use_path  # noqa: E402
 
 from polycom_megatron.ops import polynorm_triton as pt  # noqa: E402
+from polycom_megatron.ops import triton_common as tc  # noqa: E402
 from polycom_megatron.ops.common import coeff_table  # noqa: E402
 from polycom_megatron.ops.polynorm import (  # noqa: E402
     PolyNormFunction,
@@ -44,16 +45,6 @@ ALL_PATHS = ["default"] + SMALL_PATHS
 
 def make_inputs(rows, n, order, dtype, experts=None, seed=0):
     return _make_inputs(rows, n, order, dtype, DEVICE, experts, seed)
-
-
-def use_path(monkeypatch, path):
-    """Launch configuration; the small ones send widths > 32 through multi-block code."""
-    if path != "default":
-        monkeypatch.setattr(pt, "WHOLE_ROW_MAX", 32)
-        monkeypatch.setattr(pt, "CHUNK_SIZES", (32,))
-        monkeypatch.setattr(pt, "TILE", 64)
-        programs = 1 if path == "two_pass" else 1024
-        monkeypatch.setattr(pt, "target_programs", lambda device: programs)
 
 
 def check_pieces(x, dy, coeffs, sets, order):
@@ -253,16 +244,16 @@ def test_float64_and_high_orders_fall_back_to_torch():
     y, inv = K.forward_fused(x, coeffs, None, EPS)
     assert y.dtype == torch.float64 and inv.dtype == torch.float64
     close(y, T.forward(x, inv, coeffs, None), 1e-12, "float64")
-    order = pt.MAX_ORDER + 1
+    order = tc.MAX_ORDER + 1
     x32 = x.float()
     close(K.moments(x32, order), T.moments(x32, order), 1e-6, "order above MAX_ORDER")
 
 
 def test_plans_are_sane():
     # Whole rows up to WHOLE_ROW_MAX; wider rows loop over blocks that waste <= 1/8.
-    bm, bn, single = pt.row_tile(8192, 1536, pt.WHOLE_ROW_MAX)
-    assert single and bn == 2048 and bm * bn <= max(pt.TILE, bn)
-    bm, bn, single = pt.row_tile(8192, 8256, pt.WHOLE_ROW_MAX)
+    bm, bn, single = tc.row_tile(8192, 1536, tc.WHOLE_ROW_MAX)
+    assert single and bn == 2048 and bm * bn <= max(tc.TILE, bn)
+    bm, bn, single = tc.row_tile(8192, 8256, tc.WHOLE_ROW_MAX)
     assert not single and bm == 1 and (-(-8256 // bn) * bn - 8256) <= 8256 // 8
-    assert pt.kp(3) == 4 and pt.kp(4) == 8
-    assert 1 <= pt.warps(64) and pt.warps(1 << 20) <= 32
+    assert tc.kp(3) == 4 and tc.kp(4) == 8
+    assert 1 <= tc.warps(64) and tc.warps(1 << 20) <= 32

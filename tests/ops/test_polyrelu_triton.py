@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_checks import close, make_inputs  # noqa: E402
+from kernel_checks import close, make_inputs, use_path  # noqa: E402
 
 from polycom_megatron.ops import polynorm_triton as pt  # noqa: E402
 from polycom_megatron.ops.polyrelu import (  # noqa: E402
@@ -33,14 +33,6 @@ if DEVICE.type == "cpu" and not pt.interpreted():
         "Triton kernels were defined before TRITON_INTERPRET=1 was set (tests/conftest.py "
         "sets it); they would try to compile for a GPU", pytrace=False
     )
-
-
-def use_path(monkeypatch, path):
-    if path != "default":
-        monkeypatch.setattr(pt, "CHUNK_SIZES", (32,))
-        monkeypatch.setattr(pt, "TILE", 64)
-        programs = 1 if path == "two_pass" else 1024
-        monkeypatch.setattr(pt, "target_programs", lambda device: programs)
 
 
 def check_pieces(rows, n, order, dtype, experts=None, seed=0):
