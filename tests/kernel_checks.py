@@ -79,3 +79,16 @@ def check_against(fn, ref, x, weight, bias, dy, coeff_tol=1e-4):
             assert a is None, name
         else:
             close(a, b, t, name)
+
+
+def saved_storages(run):
+    """{storage address: bytes} of every tensor autograd saves for backward in ``run()``."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return saved
