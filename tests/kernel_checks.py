@@ -92,3 +92,49 @@ def saved_storages(run):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
     return saved
+
+
+def check_polynorm_pieces(K, T, x, dy, coeffs, sets, order, eps=1e-6):
+    """Every method of the PolyNorm kernel set K against T on the same inputs; plain or
+    gated (x ``[rows, 2n]``): n, the width normalised over, is dy's."""
+    n = dy.shape[1]
+    tol = OUT_TOL[x.dtype]
+    moments = T.moments(x, order)
+    close(K.moments(x, order), moments, 1e-5, "moments")
+    inv_rms = torch.rsqrt(moments / n + eps)
+    close(K.forward(x, inv_rms, coeffs, sets), T.forward(x, inv_rms, coeffs, sets), tol, "y")
+    dots = T.backward_dots(x, dy, order)
+    close(K.backward_dots(x, dy, order), dots, 1e-5, "backward_dots")
+    for n_total in (n, 2 * n):  # 2n: the TP form, as if another rank held the other half
+        close(
+            K.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n_total),
+            T.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n_total),
+            tol, f"backward_dx (n_total {n_total})",
+        )
+    y_f, inv_f = K.forward_fused(x, coeffs, sets, eps)
+    close(inv_f, inv_rms, 1e-5, "forward_fused inv_rms")
+    close(y_f, T.forward(x, inv_rms, coeffs, sets), tol, "forward_fused y")
+    dx_f, dots_f = K.backward_fused(x, dy, inv_rms, coeffs, sets, n)
+    close(dots_f, dots, 1e-5, "backward_fused dots")
+    close(dx_f, T.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n), tol, "backward_fused dx")
+
+
+def check_grouped(op, reference, tokens_per_expert, dtype, device, gated=False, order=3, n=40):
+    """``op`` with per-expert coefficients through the Triton kernels equals the loop of
+    ``reference`` over the experts, and ``op`` through the PyTorch kernels."""
+    experts, rows = len(tokens_per_expert), sum(tokens_per_expert)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 2 * n if gated else n, generator=gen).to(device, dtype)
+    dy = torch.randn(rows, n, generator=gen).to(device, dtype)
+    weight = torch.randn(experts, order, generator=gen).to(device) * 0.5
+    bias = torch.randn(experts, 1, generator=gen).to(device)
+
+    def per_expert_loop(x, w, b):
+        parts = x.split(tokens_per_expert)
+        return torch.cat([reference(p, w[e], b[e]) for e, p in enumerate(parts)])
+
+    def ours(kernel):
+        return lambda x, w, b: op(x, w, b, tokens_per_expert=tokens_per_expert, kernel=kernel)
+
+    check_against(ours("triton"), per_expert_loop, x, weight, bias, dy)
+    check_against(ours("triton"), ours("torch"), x, weight, bias, dy)

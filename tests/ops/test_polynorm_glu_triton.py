@@ -11,8 +11,9 @@ import torch
 pytest.importorskip("triton")
 
 from kernel_checks import (  # noqa: E402
-    OUT_TOL,
     check_against,
+    check_grouped,
+    check_polynorm_pieces,
     close,
     make_inputs as _make_inputs,
     use_path,
@@ -54,27 +55,7 @@ def make_inputs(rows, n, order, dtype, experts=None, seed=0):
 
 
 def check_pieces(x, dy, coeffs, sets, order):
-    """Every kernel-set method, Triton vs PyTorch, on the same inputs."""
-    n = dy.shape[1]
-    tol = OUT_TOL[x.dtype]
-    moments = T.moments(x, order)
-    close(K.moments(x, order), moments, 1e-5, "moments")
-    inv_rms = torch.rsqrt(moments / n + EPS)
-    close(K.forward(x, inv_rms, coeffs, sets), T.forward(x, inv_rms, coeffs, sets), tol, "y")
-    dots = T.backward_dots(x, dy, order)
-    close(K.backward_dots(x, dy, order), dots, 1e-5, "backward_dots")
-    for n_total in (n, 2 * n):  # 2n: the TP form, as if another rank held the other half
-        close(
-            K.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n_total),
-            T.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n_total),
-            tol, f"backward_dx (n_total {n_total})",
-        )
-    y_f, inv_f = K.forward_fused(x, coeffs, sets, EPS)
-    close(inv_f, inv_rms, 1e-5, "forward_fused inv_rms")
-    close(y_f, T.forward(x, inv_rms, coeffs, sets), tol, "forward_fused y")
-    dx_f, dots_f = K.backward_fused(x, dy, inv_rms, coeffs, sets, n)
-    close(dots_f, dots, 1e-5, "backward_fused dots")
-    close(dx_f, T.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n), tol, "backward_fused dx")
+    check_polynorm_pieces(K, T, x, dy, coeffs, sets, order, EPS)
 
 
 @DTYPES
@@ -169,26 +150,7 @@ def test_function_tensor_parallel_path_matches_reference(monkeypatch, path, dtyp
 @pytest.mark.parametrize("tokens_per_expert", [[3, 0, 2, 1], [0, 0, 0]], ids=str)
 def test_grouped_per_expert_coefficients(monkeypatch, path, tokens_per_expert, dtype):
     use_path(monkeypatch, path)
-    experts, rows = len(tokens_per_expert), sum(tokens_per_expert)
-    gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 2 * 40, generator=gen).to(DEVICE, dtype)
-    dy = torch.randn(rows, 40, generator=gen).to(DEVICE, dtype)
-    weight = torch.randn(experts, 3, generator=gen).to(DEVICE) * 0.5
-    bias = torch.randn(experts, 1, generator=gen).to(DEVICE)
-
-    def per_expert_loop(x, w, b):
-        parts = x.split(tokens_per_expert)
-        return torch.cat(
-            [polynorm_glu_reference(p, w[e], b[e], EPS) for e, p in enumerate(parts)]
-        )
-
-    def ours(kernel):
-        return lambda x, w, b: polynorm_glu(
-            x, w, b, EPS, tokens_per_expert=tokens_per_expert, kernel=kernel
-        )
-
-    check_against(ours("triton"), per_expert_loop, x, weight, bias, dy)
-    check_against(ours("triton"), ours("torch"), x, weight, bias, dy)
+    check_grouped(polynorm_glu, polynorm_glu_reference, tokens_per_expert, dtype, DEVICE, gated=True)
 
 
 def test_zero_rows():

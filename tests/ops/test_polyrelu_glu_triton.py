@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 from kernel_checks import (  # noqa: E402
     OUT_TOL,
     check_against,
+    check_grouped,
     close,
     make_inputs,
     use_path,
@@ -106,24 +107,7 @@ def test_low_precision_within_one_ulp_of_fp32(order, dtype):
 @pytest.mark.parametrize("tokens_per_expert", [[3, 0, 2, 1], [0, 0, 0]], ids=str)
 def test_grouped_per_expert_coefficients(monkeypatch, path, tokens_per_expert, dtype):
     use_path(monkeypatch, path)
-    experts, rows = len(tokens_per_expert), sum(tokens_per_expert)
-    gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 2 * 40, generator=gen).to(DEVICE, dtype)
-    dy = torch.randn(rows, 40, generator=gen).to(DEVICE, dtype)
-    weight = torch.randn(experts, 3, generator=gen).to(DEVICE) * 0.5
-    bias = torch.randn(experts, 1, generator=gen).to(DEVICE)
-
-    def per_expert_loop(x, w, b):
-        parts = x.split(tokens_per_expert)
-        return torch.cat([polyrelu_glu_reference(p, w[e], b[e]) for e, p in enumerate(parts)])
-
-    def ours(kernel):
-        return lambda x, w, b: polyrelu_glu(
-            x, w, b, tokens_per_expert=tokens_per_expert, kernel=kernel
-        )
-
-    check_against(ours("triton"), per_expert_loop, x, weight, bias, dy)
-    check_against(ours("triton"), ours("torch"), x, weight, bias, dy)
+    check_grouped(polyrelu_glu, polyrelu_glu_reference, tokens_per_expert, dtype, DEVICE, gated=True)
 
 
 def test_zero_rows():
