@@ -29,15 +29,22 @@ def close(actual, expected, tol, what=""):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
 
 
+def ulp(want_fp32, dtype):
+    """The spacing of ``dtype`` at each |value| (the unit in the last place of a result
+    in that dtype), subnormals included."""
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(want_fp32.abs())  # |v| in [2^(e-1), 2^e)
+    spacing = torch.ldexp(torch.full_like(want_fp32, info.eps), exponent - 1)
+    return spacing.clamp_min(info.smallest_normal * info.eps)
+
+
 def within_one_ulp(got, want_fp32):
     """Every element of a low-precision result within one of its ulps of the fp32 result
     (computed in fp32 and rounded once; summation order differs between kernels, so a tie
-    may round either way). Returns the largest error in units of eps * |want|."""
-    eps = torch.finfo(got.dtype).eps
-    ulp = eps * want_fp32.abs().clamp_min(torch.finfo(got.dtype).tiny)
-    err = (got.float() - want_fp32).abs()
-    assert (err <= ulp).all(), f"{got.dtype}: {(err > ulp).sum().item()} elements beyond one ulp"
-    return (err / ulp).max().item() if err.numel() else 0.0
+    may round either way). Returns the largest error in ulps."""
+    units = (got.float() - want_fp32).abs() / ulp(want_fp32, got.dtype)
+    assert (units <= 1).all(), f"{got.dtype}: {(units > 1).sum().item()} elements beyond one ulp"
+    return units.max().item() if units.numel() else 0.0
 
 
 # Output tolerance (relative to the largest reference value) of the Triton kernels per I/O
