@@ -26,17 +26,18 @@ import torch.distributed as dist
 from polycom_megatron.ops import dispatch
 from polycom_megatron.ops.common import (
     TokensPerExpert,
-    all_reduce_sum,
     as_rows,
     coeff_table,
     gate_up,
     glu_rows,
     row_sets,
-    split_table_grad,
-    sum_rows_per_set,
     upcast,
 )
-from polycom_megatron.ops.polyrelu import TorchPolyReLUKernels, polyrelu_reference
+from polycom_megatron.ops.polyrelu import (
+    TorchPolyReLUKernels,
+    elementwise_backward,
+    polyrelu_reference,
+)
 
 
 def polyrelu_glu_reference(
@@ -84,11 +85,9 @@ class PolyReLUGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, coeffs, sets, weight, bias = ctx.saved_tensors
-        dx, row_grads = ctx.kernels.backward(rows, as_rows(grad_out), coeffs, sets)
-        table_grad = sum_rows_per_set(row_grads, sets, coeffs.shape[0])
-        # Each TP rank summed over its own slice of the hidden dimension.
-        all_reduce_sum(table_grad, ctx.group)
-        grad_weight, grad_bias = split_table_grad(table_grad, weight, bias)
+        dx, grad_weight, grad_bias = elementwise_backward(
+            ctx.kernels, rows, as_rows(grad_out), coeffs, sets, ctx.group, weight, bias
+        )
         return dx.view(ctx.x_shape), grad_weight, grad_bias, None, None, None
 
 
