@@ -11,9 +11,13 @@ POLYCOM_MEGATRON_LM_TREES to a folder of Megatron-LM checkouts to repeat that he
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import re
 import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -233,7 +237,8 @@ def test_real_release_trees(tmp_path):
 
 
 def _patched_copy(tree: Path, root: Path) -> Path:
-    """A patched copy of ``tree``: the patched files copied, everything else linked."""
+    """A patched copy of ``tree``: the patched files and the ``megatron`` package copied
+    (Megatron compiles its dataset helpers into it, for this Python), the rest linked."""
     copy = root / tree.name
     copy.mkdir()
     key = patching.resolve(tree)
@@ -241,10 +246,29 @@ def _patched_copy(tree: Path, root: Path) -> Path:
     for entry in tree.iterdir():
         if entry.name in patched:
             shutil.copy(entry, copy / entry.name)
+        elif entry.name == "megatron":
+            shutil.copytree(entry, copy / entry.name, symlinks=True)
         else:
             (copy / entry.name).symlink_to(entry)
+    # Megatron's own build of them picks its suffix from whichever python3-config is on PATH.
+    helpers = subprocess.run(
+        ["make", "-C", str(copy / "megatron" / "core" / "datasets"),
+         f"LIBEXT={sysconfig.get_config_var('EXT_SUFFIX')}",
+         f"CPPFLAGS=-I{sysconfig.get_paths()['include']} -I{_pybind11_include()}"],
+        capture_output=True, text=True,
+    )
+    assert helpers.returncode == 0, helpers.stderr[-2000:]
     patching.apply(copy)
     return copy
+
+
+def _pybind11_include() -> str:
+    """pybind11's headers, from the trees' extra dependencies (POLYCOM_MEGATRON_LM_PYTHONPATH)."""
+    for folder in os.environ.get("POLYCOM_MEGATRON_LM_PYTHONPATH", "").split(os.pathsep):
+        include = Path(folder, "pybind11", "include")
+        if include.is_dir():
+            return str(include)
+    pytest.skip("pybind11 (for Megatron's dataset helpers) is not on POLYCOM_MEGATRON_LM_PYTHONPATH")
 
 
 # Layer 0 dense, layer 1 MoE (4 experts top-2, a shared expert), one rank: PolyComMLP,
@@ -261,9 +285,6 @@ SMOKE_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.Ee+-]+)")
 def test_patched_trees_train_the_gated_form(tmp_path, monkeypatch):
     """Each release's patched pretrain_gpt.py (run by patches/smoke_cpu.py, Megatron-LM's
     own loop on mock data) trains PolyNorm-GLU dense and MoE layers for 4 iterations."""
-    import math
-    import sys
-
     # Megatron builds its dataset helpers with the python3 on PATH.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     smoke = Path(__file__).resolve().parents[1] / "patches" / "smoke_cpu.py"
@@ -277,6 +298,10 @@ def test_patched_trees_train_the_gated_form(tmp_path, monkeypatch):
         assert sorted(losses) == [1, 2, 3, 4], (tree, losses)
         # Mock tokens are near uniform over 4096 ids: the loss stays near ln(4096) = 8.32.
         assert all(abs(v - math.log(4096)) < 0.5 for v in losses.values()), (tree, losses)
+        params = re.search(r"number of parameters on .*?: (\d+)", done.stdout)
+        # Shown with -s: what each release trained.
+        print(f"{tree.name}: {hook.group(1)}; params {params and params.group(1)}; "
+              f"lm loss {losses}")
 
 
 # --- the hooks, with the installed megatron-core ----------------------------------------
