@@ -66,17 +66,21 @@ def test_incompatible_megatron_settings_are_refused(overrides, flag):
     assert message is not None and flag in message
 
 
-@pytest.mark.parametrize(
-    "overrides,flag",
-    [
-        (dict(gated_linear_unit=False), "--polycom-gated (PolyComConfig.gated) needs"),
-        (dict(glu_linear_offset=1.0), "--glu-linear-offset"),
-        (dict(activation_func_clamp_value=7.0), "--activation-func-clamp-value"),
-    ],
-)
-def test_gated_form_refuses_settings_it_cannot_honour(overrides, flag):
-    message = run_distributed(_build_with, 1, overrides, dict(gated=True), timeout_s=120)
-    assert message is not None and flag in message
+GATED_REFUSALS = [
+    (dict(gated_linear_unit=False), "--polycom-gated (PolyComConfig.gated) needs"),
+    (dict(glu_linear_offset=1.0), "--glu-linear-offset"),
+    (dict(activation_func_clamp_value=7.0), "--activation-func-clamp-value"),
+]
+
+
+def _gated_refusals(rank, world_size):
+    return [_build_with(rank, world_size, overrides, dict(gated=True)) for overrides, _ in GATED_REFUSALS]
+
+
+def test_gated_form_refuses_settings_it_cannot_honour():
+    messages = run_distributed(_gated_refusals, 1, timeout_s=180)
+    for message, (_, flag) in zip(messages, GATED_REFUSALS):
+        assert message is not None and flag in message, (flag, message)
 
 
 def test_fp8_input_store_is_refused():
