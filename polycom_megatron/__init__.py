@@ -1,4 +1,4 @@
-"""PolyCom activations (PolyNorm, PolyReLU) for Megatron-Core.
+"""PolyCom activations (PolyNorm, PolyReLU, and their gated forms) for Megatron-Core.
 
 Public API: the functional ops, the config, and the spec builders. The ops and the config
 import without megatron-core; the spec builders load it on first use.
@@ -12,14 +12,16 @@ __version__ = "0.1.0"
 
 _SPEC_BUILDERS = ("get_gpt_block_spec", "get_gpt_layer_spec", "with_polycom")
 # Loaded on first use too: they import torch, which the data tools never need.
-_OPS = ("polynorm", "polyrelu")
+_OPS = ("polynorm", "polynorm_glu", "polyrelu", "polyrelu_glu")
 
 __all__ = [
     "PolyComConfig",
     "add_polycom_args",
     "matched_ffn_hidden_size",
     "polynorm",
+    "polynorm_glu",
     "polyrelu",
+    "polyrelu_glu",
     *_SPEC_BUILDERS,
 ]
 

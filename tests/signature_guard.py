@@ -31,8 +31,8 @@ def our_classes() -> list:
 
     found = {}
     for info in pkgutil.walk_packages(polycom_megatron.__path__, "polycom_megatron."):
-        if info.name.split(".")[1] in ("bench", "training", "patches", "cli"):
-            continue  # launch tooling, not modules built inside Megatron's model
+        if info.name.split(".")[1] in ("bench", "training", "patches", "cli", "data", "hf"):
+            continue  # tooling (importing a __main__ would run it), not Megatron model modules
         module = importlib.import_module(info.name)
         for cls in vars(module).values():
             if (inspect.isclass(cls) and cls.__module__ == module.__name__
