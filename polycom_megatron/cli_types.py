@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -98,4 +99,19 @@ def writable_file(text: str) -> Path:
     if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
         raise argparse.ArgumentTypeError(f"{path} is a folder or not writable")
     writable_dir(str(path.parent))
+    return path
+
+
+def prepare_output_dir(path: Path) -> Path:
+    """Create ``path`` (and its parents) now and prove a file can be written in it, so that
+    a run fails before its work, not after. Raises ValueError naming the problem."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"cannot write into {path} ({reason}); choose a folder you can "
+                         "write to") from None
     return path
