@@ -353,6 +353,9 @@ def run(argv: Optional[List[str]] = None) -> dict:
     cuda = device.type == "cuda"
     ops = parse_choices(args.ops, OPS, "ops")
     impls = parse_choices(args.impls, IMPLS, "impls")
+    if not cuda and "triton" not in sys.modules:
+        # Before anything imports Triton (the environment report does): it reads this once.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     rows_list = args.rows or (DEFAULT_ROWS if cuda else CPU_ROWS)
     cols_list = args.cols or (DEFAULT_COLS if cuda else CPU_COLS)
     dtype = DTYPES[args.dtype]

@@ -60,8 +60,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from polycom_megatron.training import megatron_lm
 
+    wants_help = bool({"-h", "--help"} & set(megatron_argv))
     # --help needs no dataset helpers: only the imports are checked then.
-    problem = megatron_lm.problem(helpers=not {"-h", "--help"} & set(megatron_argv))
+    problem = megatron_lm.problem(helpers=not wants_help)
+    if problem and wants_help:
+        _own_help(problem)
+        return 0
     if problem:
         print(problem, file=sys.stderr)
         return 2
@@ -81,6 +85,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _own_help(problem: str) -> None:
+    """--help where Megatron-LM cannot be imported: our flags, and why Megatron-LM's own
+    (those of its pretrain_gpt.py, which this command also takes) are not listed."""
+    parser = argparse.ArgumentParser(
+        prog="polycom-megatron pretrain",
+        description="Megatron-LM's pretrain_gpt.py on a PolyCom GPT: takes every argument "
+        "that script takes, plus the ones below.",
+        epilog="Megatron-LM's own arguments are listed here once megatron.training can be "
+        "imported; now:\n\n" + problem.removeprefix("error: "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_launcher_args(add_polycom_args(parser))
+    parser.print_help()
 
 
 # --------------------------------------------------------------------------------------

@@ -273,18 +273,7 @@ def test_get_batch_hands_a_single_stage_everything_it_needs(with_mask):
 # Megatron-LM's own training loop on real release trees (skipped without them)
 # --------------------------------------------------------------------------------------
 
-TINY_GPT = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--ffn-hidden-size", "192", "--seq-length", "32", "--max-position-embeddings", "32",
-    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "5e-3",
-    "--lr-decay-style", "constant", "--disable-bias-linear", "--normalization", "RMSNorm",
-    "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
-    # 0.15's mock data draws token ids up to 4095: 4095 + the end-of-document id.
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "4095", "--mock-data",
-    "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000", "--seed", "7",
-    # Dropout off: Megatron-LM's loop restores the RNG inexactly on the CPU harness.
-    "--hidden-dropout", "0", "--attention-dropout", "0",
-]
+TINY_GPT = megatron_lm.TINY_GPT
 TINY_MOE_TP2_EP2 = [
     "--tensor-model-parallel-size", "2", "--sequence-parallel",
     "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
