@@ -25,20 +25,21 @@ def _number(kind, text: str):
     return value
 
 
+def _checked(kind, text: str, ok, expected: str):
+    value = _number(kind, text)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text.strip()} is not {expected}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (1 or more)")
-    return value
+    return _checked(int, text, lambda v: v >= 1, "a positive integer (1 or more)")
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return value
+    return _checked(int, text, lambda v: v >= 0, "an integer >= 0")
 
 
 def finite_float(text: str) -> float:
@@ -48,18 +49,12 @@ def finite_float(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not a positive number")
-    return value
+    return _checked(float, text, lambda v: v > 0, "a positive number")
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is negative; give 0 or more")
-    return value
+    return _checked(float, text, lambda v: v >= 0, "a number >= 0")
 
 
 def int_list(text: str) -> tuple:
