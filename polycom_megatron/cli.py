@@ -1,12 +1,16 @@
 """The ``polycom-megatron`` command: one entry point, one module per subcommand.
 
 Each subcommand is a module with ``main(argv) -> int``; this file only routes to it,
-so adding a subcommand never touches another one's code.
+so adding a subcommand never touches another one's code. It also keeps the promise every
+subcommand makes: exit status 0 on success, and on failure a non-zero status with one
+line on stderr, never a traceback (``POLYCOM_DEBUG=1`` shows it); Ctrl-C is one line and
+status 130.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -17,6 +21,9 @@ SUBCOMMANDS = {
     "bench-kernels": ("polycom_megatron.bench.kernels", "fused-kernel timings vs references"),
     "patch": ("polycom_megatron.patching", "apply/check the Megatron-LM patches"),
 }
+DEBUG_VARIABLE = "POLYCOM_DEBUG"
+# What a shell reports for a process ended by SIGINT (128 + 2).
+INTERRUPTED = 130
 
 
 def _usage() -> str:
@@ -24,6 +31,54 @@ def _usage() -> str:
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Run 'polycom-megatron <command> --help' for a command's options."]
     return "\n".join(lines)
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _exit_status(code) -> int:
+    """What ``sys.exit(code)`` would exit with; a message is printed as one line."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run(name: str, argv) -> int:
+    """Run subcommand ``name`` with ``argv``; its exit status (see the module docstring)."""
+    prog = f"polycom-megatron {name}"
+    try:
+        module = importlib.import_module(SUBCOMMANDS[name][0])
+        status = module.main(list(argv))
+        if status is not None and not isinstance(status, int):
+            raise TypeError(f"{SUBCOMMANDS[name][0]}.main returned {type(status).__name__}, "
+                            "not an exit status")
+        return status or 0
+    except SystemExit as exc:  # argparse and the commands' own one-line refusals
+        return _exit_status(exc.code)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:  # e.g. piped into `head`: the reader left, nothing to say
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    except Exception as exc:
+        if _debug():
+            raise
+        print(f"{prog}: error: {_one_line(exc)} (unexpected: rerun with {DEBUG_VARIABLE}=1 "
+              "for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 def main(argv=None) -> int:
@@ -35,8 +90,7 @@ def main(argv=None) -> int:
     if name not in SUBCOMMANDS:
         print(f"polycom-megatron: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return run(name, rest)
 
 
 if __name__ == "__main__":

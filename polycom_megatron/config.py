@@ -159,6 +159,68 @@ def gated_form_conflict(flag: str, activation: str) -> str:
     )
 
 
+# Megatron-LM flags (every release 0.15-0.19) that choose or shape Megatron's own MLP
+# activation, which a PolyCom activation replaces: (flag, argparse dest, value when off,
+# type of its value, or None for a switch). Given with --polycom-activation, each would be
+# ignored or would fight PolyCom, so activation_flag_conflicts refuses it, for the launcher
+# (before Megatron starts) and for the patched Megatron-LM alike.
+MEGATRON_ACTIVATION_FLAGS = (
+    ("--swiglu", "swiglu", False, None),
+    ("--quick-geglu", "quick_geglu", False, None),
+    ("--squared-relu", "squared_relu", False, None),
+    ("--openai-gelu", "openai_gelu", False, None),
+    ("--use-fused-weighted-squared-relu", "use_fused_weighted_squared_relu", False, None),
+    ("--use-te-activation-func", "use_te_activation_func", False, None),
+    ("--glu-linear-offset", "glu_linear_offset", 0.0, float),
+    ("--activation-func-clamp-value", "activation_func_clamp_value", None, float),
+    ("--moe-mlp-glu-interleave-size", "moe_mlp_glu_interleave_size", None, int),  # 0.18+
+    ("--moe-shared-expert-glu-interleave-size", "moe_shared_expert_glu_interleave_size",
+     None, int),  # 0.19+
+)
+# The ones that turn the MLP into a gated linear unit: their error says how to match widths.
+GATED_UNIT_FLAGS = ("--swiglu", "--quick-geglu")
+
+
+def add_megatron_activation_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``MEGATRON_ACTIVATION_FLAGS`` on a parser, so that a launcher can read them from a
+    command line before Megatron parses it (``parse_known_args``)."""
+    for flag, dest, off, kind in MEGATRON_ACTIVATION_FLAGS:
+        if kind is None:
+            parser.add_argument(flag, dest=dest, action="store_true")
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, default=off)
+    return parser
+
+
+def activation_flag_conflicts(args: argparse.Namespace, polycom: Optional["PolyComConfig"]) -> list:
+    """One message per Megatron activation flag set in ``args`` (Megatron's parsed
+    arguments, or ``add_megatron_activation_flags``') that contradicts ``polycom``; empty
+    when there is none or PolyCom is off. A flag missing from ``args`` (an older release)
+    counts as off."""
+    if polycom is None:
+        return []
+    found = []
+    for flag, dest, off, kind in MEGATRON_ACTIVATION_FLAGS:
+        value = getattr(args, dest, off)
+        if value == off or (kind is None and not value):
+            continue
+        if flag in GATED_UNIT_FLAGS:
+            found.append(gated_unit_conflict(flag, polycom.activation,
+                                             getattr(args, "ffn_hidden_size", None),
+                                             gated=polycom.gated))
+        elif kind is None:
+            found.append(
+                f"{flag} and --polycom-activation {polycom.activation} both choose the MLP "
+                f"activation; drop {flag} (or --polycom-activation)."
+            )
+        else:
+            found.append(
+                f"{flag} {value} shapes Megatron's own activation, which --polycom-activation "
+                f"{polycom.activation} replaces (it would be ignored); drop {flag}."
+            )
+    return found
+
+
 def add_polycom_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``--polycom-*`` flags to a Megatron-style argument parser.
 

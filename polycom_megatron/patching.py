@@ -21,8 +21,8 @@ from pathlib import Path
 
 from polycom_megatron.config import (
     PolyComConfig,
+    activation_flag_conflicts,
     add_polycom_args,
-    gated_unit_conflict,
     set_transformer_config,
 )
 
@@ -347,16 +347,9 @@ def polycom_model_config(model_cfg, args) -> None:
 
 def check_args(args) -> None:
     """Refuse Megatron flags that contradict a PolyCom activation, saying what to use."""
-    if getattr(args, "swiglu", False) or getattr(args, "quick_geglu", False):
-        flag = "--swiglu" if getattr(args, "swiglu", False) else "--quick-geglu"
-        raise SystemExit(gated_unit_conflict(
-            flag, args.polycom_activation, getattr(args, "ffn_hidden_size", None),
-            gated=getattr(args, "polycom_gated", False)))
-    if getattr(args, "squared_relu", False):
-        raise SystemExit(
-            f"--squared-relu and --polycom-activation {args.polycom_activation} both choose "
-            "the MLP activation; drop one of them."
-        )
+    conflicts = activation_flag_conflicts(args, PolyComConfig.from_args(args))
+    if conflicts:
+        raise SystemExit("\n".join(conflicts))
     if getattr(args, "mtp_num_layers", None):
         raise SystemExit(
             "--mtp-num-layers with --polycom-activation is not supported by the Megatron-LM "

@@ -33,11 +33,30 @@ def trees() -> list:
     return found
 
 
-def run_python(tree: Path, args: list, cwd: Path, timeout_s: float = 600.0):
-    """Run ``python <args>`` with ``tree`` first on PYTHONPATH; the completed process."""
+def tree_env(tree: Path) -> dict:
+    """The environment with ``tree`` first on PYTHONPATH, then its extra dependencies."""
     path = [str(tree), os.environ.get("POLYCOM_MEGATRON_LM_PYTHONPATH", ""),
             str(Path(__file__).resolve().parents[1])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p),
-           "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env,
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def run_python(tree: Path, args: list, cwd: Path, timeout_s: float = 600.0):
+    """Run ``python <args>`` with ``tree`` first on PYTHONPATH; the completed process."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=tree_env(tree),
                           capture_output=True, text=True, timeout=timeout_s)
+
+
+# The smallest GPT Megatron-LM's loop trains in every release, for ``pretrain --cpu``.
+TINY_GPT = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--ffn-hidden-size", "192", "--seq-length", "32", "--max-position-embeddings", "32",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "5e-3",
+    "--lr-decay-style", "constant", "--disable-bias-linear", "--normalization", "RMSNorm",
+    "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+    # 0.15's mock data draws token ids up to 4095: 4095 + the end-of-document id.
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "4095", "--mock-data",
+    "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000", "--seed", "7",
+    # Dropout off: Megatron-LM's loop restores the RNG inexactly on the CPU harness.
+    "--hidden-dropout", "0", "--attention-dropout", "0",
+]

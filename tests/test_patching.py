@@ -403,6 +403,7 @@ def test_layer_spec_hook_sets_the_gated_unit_of_the_gated_form():
     [("swiglu", "Drop --swiglu and use --ffn-hidden-size 288 (1.5x 192)"),
      ("quick_geglu", "Drop --quick-geglu"),
      ("squared_relu", "--squared-relu and --polycom-activation polynorm"),
+     ("use_te_activation_func", "--use-te-activation-func and --polycom-activation polynorm"),
      ("mtp_num_layers", "--mtp-num-layers")],
 )
 def test_layer_spec_hook_refuses_contradicting_flags(flag, message):

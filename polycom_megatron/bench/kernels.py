@@ -1,7 +1,7 @@
 """Kernel benchmark: PolyNorm / PolyReLU and their gated forms, forward, backward and
 forward+backward.
 
-    python -m polycom_megatron.bench.kernels [--rows 2048,8192,16384]
+    polycom-megatron bench-kernels [--rows 2048,8192,16384]
         [--cols 1536,5504,8192,8256,16384,32768] [--dtype bf16] [--order 3]
         [--ops polynorm,polyrelu,polynorm_glu,polyrelu_glu]
         [--impls naive,torch,compile,triton,liger,swiglu,swiglu-compile,swiglu-megatron,swiglu-liger]
@@ -39,7 +39,6 @@ POLYCOM_TRITON_* environment variables (see ``polycom_megatron.ops.triton_common
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -50,12 +49,19 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from polycom_megatron.bench import parse_choices
+from polycom_megatron.bench import parse_choices, resolve_device
 from polycom_megatron.bench.glu_baselines import (
     SWIGLU_IMPLS,
     compiled_swiglu,
     swiglu_baseline,
     swiglu_eager,
+)
+from polycom_megatron.cli_types import (
+    int_list,
+    non_negative_int,
+    positive_int,
+    prepare_output_dir,
+    writable_file,
 )
 
 GATED_OPS = ("polynorm_glu", "polyrelu_glu")
@@ -72,28 +78,27 @@ L2_FLUSH_BYTES = 256 << 20
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m polycom_megatron.bench.kernels",
+        prog="polycom-megatron bench-kernels",
         description="Time PolyNorm/PolyReLU kernels (plain and gated) against a device copy, "
         "Liger-Kernel and SwiGLU's fused activation.",
     )
-    p.add_argument("--rows", help=f"comma list (default {','.join(map(str, DEFAULT_ROWS))}; "
-                   f"{CPU_ROWS[0]} on CPU)")
-    p.add_argument("--cols", help=f"comma list (default {','.join(map(str, DEFAULT_COLS))}; "
-                   f"{CPU_COLS[0]} on CPU)")
+    p.add_argument("--rows", type=int_list, help=f"comma list (default "
+                   f"{','.join(map(str, DEFAULT_ROWS))}; {CPU_ROWS[0]} on CPU)")
+    p.add_argument("--cols", type=int_list, help=f"comma list (default "
+                   f"{','.join(map(str, DEFAULT_COLS))}; {CPU_COLS[0]} on CPU)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    p.add_argument("--order", type=int, default=3, help="r, the highest power (default 3)")
+    p.add_argument("--order", type=positive_int, default=3, help="r, the highest power (default 3)")
     p.add_argument("--ops", default=",".join(OPS), help="comma list of " + ", ".join(OPS))
     p.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ", ".join(IMPLS))
-    p.add_argument("--reps", type=int, help="timed repetitions (default 100 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, help="untimed repetitions (default 10 CUDA, 1 CPU)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--reps", type=positive_int,
+                   help="timed repetitions (default 100 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=non_negative_int,
+                   help="untimed repetitions (default 10 CUDA, 1 CPU)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--no-flush", action="store_true", help="do not flush L2 between reps")
-    p.add_argument("--json", help="write all results and the environment here")
+    p.add_argument("--json", type=writable_file, help="write all results and the environment here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     return p.parse_args(argv)
-
-
-def _ints(text: Optional[str], default) -> tuple:
-    return default if text is None else tuple(int(v) for v in text.split(",") if v.strip())
 
 
 # --------------------------------------------------------------------------- timing
@@ -400,20 +405,41 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def main(argv: Optional[List[str]] = None) -> int:
+    """``polycom-megatron bench-kernels``: 0 when at least one implementation was timed."""
+    payload = run(argv)
+    if not payload["results"]:
+        reasons = sorted({s["reason"] for s in payload["skipped"]})
+        raise SystemExit("polycom-megatron bench-kernels: nothing could be timed ("
+                         + "; ".join(reasons) + ")")
+    return 0
+
+
+def run(argv: Optional[List[str]] = None) -> dict:
+    """Run the benchmark; the payload that ``--json`` writes."""
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.json and args.json.exists() and not args.overwrite:
+        raise SystemExit(f"polycom-megatron bench-kernels: {args.json} exists; pass --overwrite "
+                         "to replace it or choose another --json")
+    if args.json:
+        try:
+            prepare_output_dir(args.json.parent)
+        except ValueError as exc:
+            raise SystemExit(f"polycom-megatron bench-kernels: --json: {exc}") from None
+    device = resolve_device(args.device, "bench-kernels")
     cuda = device.type == "cuda"
     ops = parse_choices(args.ops, OPS, "ops")
     impls = parse_choices(args.impls, IMPLS, "impls")
-    rows_list = _ints(args.rows, DEFAULT_ROWS if cuda else CPU_ROWS)
-    cols_list = _ints(args.cols, DEFAULT_COLS if cuda else CPU_COLS)
+    if not cuda and "triton" not in sys.modules:
+        # Before anything imports Triton (the environment report does): it reads this once.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    rows_list = args.rows or (DEFAULT_ROWS if cuda else CPU_ROWS)
+    cols_list = args.cols or (DEFAULT_COLS if cuda else CPU_COLS)
     dtype = DTYPES[args.dtype]
     reps = args.reps if args.reps is not None else (100 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
     timer = Timer(device, reps, warmup, flush=not args.no_flush)
-    command = ["python", "-m", "polycom_megatron.bench.kernels",
-               *(sys.argv[1:] if argv is None else argv)]
+    command = ["polycom-megatron", "bench-kernels", *(sys.argv[1:] if argv is None else argv)]
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -450,12 +476,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         skipped=skipped,
     )
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2))
-        log(f"\nwrote {path}")
+        from polycom_megatron.bench.report import write_json
+
+        log(f"\nwrote {write_json(payload, Path(args.json))}")
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

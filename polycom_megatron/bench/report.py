@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 
 from polycom_megatron.bench import flops as F
+from polycom_megatron.bench.peak import mfu_or_none
 
 FLOP_CONVENTIONS = {
     "unit": "a multiply-add is 2 FLOPs; GEMM [m,k]x[k,n] = 2mkn",
@@ -37,8 +38,9 @@ FLOP_CONVENTIONS = {
     "not_counted": "norms, softmax, rotary, residuals, loss, MoE permutation and prob weighting, "
     "recomputation (MFU uses model FLOPs)",
     "training": f"{F.TRAINING_MULTIPLIER} x forward (backward = 2 x forward, elementwise included)",
-    "peak": "best FLOP/s of timed square matmuls on the same device and dtype, measured at the "
-    "start and the end of the run (the higher is used)",
+    "peak": "best FLOP/s of timed square matmuls on the same device and dtype, sampled at the "
+    "start, after every round of every section and at the end (the best sample is used); an "
+    "MFU above 1 means the peak was under-measured and is reported as null (mfu_over_peak)",
 }
 
 
@@ -109,16 +111,19 @@ def _case_dict(case, swiglu_tps: Optional[float], peak_flops: float) -> dict:
         tokens_per_s=None,
         relative_to_swiglu=None,
         mfu=None,
+        mfu_over_peak=None,
         achieved_tflops=None,
         memory=None,
     )
     if case.seconds and not case.unavailable:
         tps = [case.tokens_per_step / t for t in case.seconds]
         median = statistics.median(tps)
+        mfu = F.mfu(median, case.flops_per_token, peak_flops)
         out.update(
             tokens_per_s=dict(median=median, min=min(tps), max=max(tps)),
             relative_to_swiglu=median / swiglu_tps if swiglu_tps else None,
-            mfu=F.mfu(median, case.flops_per_token, peak_flops),
+            mfu=mfu_or_none(mfu),
+            mfu_over_peak=None if mfu_or_none(mfu) is not None else mfu,
             achieved_tflops=median * case.flops_per_token / 1e12,
         )
     if case.resident_bytes is not None:
@@ -136,10 +141,11 @@ def build_payload(cases: List, settings, peak: dict, memory_method: str, argv: L
     from polycom_megatron.bench.throughput import settings_dict
 
     swiglu = {}
+    notes = list(settings.notes)
     for case in cases:
         if case.activation == "swiglu" and case.seconds and not case.unavailable:
             swiglu[case.section] = statistics.median(case.tokens_per_step / t for t in case.seconds)
-    return dict(
+    payload = dict(
         benchmark="polycom-megatron bench (throughput)",
         created=datetime.datetime.now().isoformat(timespec="seconds"),
         command=" ".join(["polycom-megatron", "bench", *argv]),
@@ -149,10 +155,18 @@ def build_payload(cases: List, settings, peak: dict, memory_method: str, argv: L
         peak=peak,
         memory_method=memory_method,
         flop_conventions=FLOP_CONVENTIONS,
-        notes=list(settings.notes),
+        notes=notes,
         wall_s=wall_s,
         cases=[_case_dict(c, swiglu.get(c.section), peak["flops_per_s"]) for c in cases],
     )
+    over = [f"{c['section']} {c['name']}" for c in payload["cases"] if c["mfu_over_peak"]]
+    if over:
+        notes.append(
+            f"MFU not reported for {', '.join(over)}: they exceeded the measured peak of "
+            f"{peak['flops_per_s'] / 1e12:.3f} TFLOP/s, so the peak was under-measured (a loaded "
+            "or throttled device, or a matmul size too small to reach it); rerun on an idle device"
+        )
+    return payload
 
 
 def _si(x: float) -> str:
@@ -165,12 +179,13 @@ def _si(x: float) -> str:
 def _header_lines(payload: dict) -> List[str]:
     env, peak, st = payload["environment"], payload["peak"], payload["settings"]
     commit = (env["git_commit"] or "?")[:10] + ("+dirty" if env["git_dirty"] else "")
-    both = ", ".join(f"{x / 1e12:.3f}" for x in peak["measured_at_start_and_end"])
+    bests = [m["best_flops_per_s"] for m in peak["measurements"]]
     return [
         f"device: {env['device_name']} ({env['device']}), {st['dtype']}, torch {env['torch']}, "
         f"megatron-core {env['megatron_core']}, commit {commit}",
         f"peak: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s measured ({peak['matmul']} "
-        f"{peak['dtype']}; start, end: {both})",
+        f"{peak['dtype']}; best of {peak['samples']} samples in {len(bests)} measurements "
+        f"between the rounds, which ranged {min(bests) / 1e12:.3f}..{max(bests) / 1e12:.3f})",
         f"tokens per step: {st['micro_batch']} x {st['seq_length']}; {st['rounds']} interleaved "
         f"rounds after {st['warmup']} warmup steps; medians",
         f"memory: {payload['memory_method']}",
@@ -202,7 +217,7 @@ def format_table(payload: dict) -> str:
             _si(t["median"]),
             f"{_si(t['min'])}..{_si(t['max'])}",
             f"{rel:.3f}" if rel else "-",
-            f"{100 * c['mfu']:.1f}%",
+            f"{100 * c['mfu']:.1f}%" if c["mfu"] is not None else "> peak",
             f"{mem['peak_bytes'] / 2**20:.0f}" if mem else "-",
         ))
     full = [r for r in rows if len(r) == len(header)] + [header]
@@ -225,8 +240,11 @@ def format_table(payload: dict) -> str:
 
 
 def write_json(payload: dict, path: Path) -> Path:
+    """Written whole or not at all: to a temporary file beside it, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(partial, path)
     return path
 
 
@@ -279,6 +297,8 @@ def write_chart(payload: dict, path: Path) -> Optional[Path]:
     fig.suptitle(f"polycom-megatron bench: {env['device_name']}, {payload['settings']['dtype']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    partial = path.with_name(path.name + ".partial")
+    fig.savefig(partial, dpi=110, format="png")
     plt.close(fig)
+    os.replace(partial, path)
     return path

@@ -37,8 +37,9 @@ from typing import List, Optional, Sequence, Tuple
 
 from polycom_megatron.config import (
     PolyComConfig,
+    activation_flag_conflicts,
+    add_megatron_activation_flags,
     add_polycom_args,
-    gated_unit_conflict,
     set_transformer_config,
 )
 from polycom_megatron.data.pretrain_inputs import check_pretrain_data
@@ -48,23 +49,6 @@ ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}
 
 # Flags whose bias-activation fusion would bypass the PolyCom activation.
 NO_FUSION_FLAGS = ("--no-bias-gelu-fusion", "--no-bias-swiglu-fusion")
-
-# Flags that turn the MLP into a gated linear unit, which PolyCom replaces.
-GLU_FLAGS = ("--swiglu", "--quick-geglu")
-
-MISSING_MEGATRON_TRAINING = """\
-error: `polycom-megatron pretrain` runs Megatron-LM's training loop (megatron.training),
-which is not importable here: {reason}
-
-Get it in one of two ways:
-  * Python >= 3.12 and megatron-core >= 0.17, whose wheel includes megatron.training:
-      pip install 'megatron-core>=0.17,<0.20'
-  * a Megatron-LM checkout (release core_v0.15.0 or later) on PYTHONPATH:
-      git clone -b core_v0.16.1 https://github.com/NVIDIA/Megatron-LM
-      PYTHONPATH=$PWD/Megatron-LM polycom-megatron pretrain ...
-
-No GPU? `polycom-megatron train-cpu` trains a small PolyCom model with megatron-core alone."""
-
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -78,10 +62,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        import megatron.training  # noqa: F401
-    except ImportError as exc:
-        print(MISSING_MEGATRON_TRAINING.format(reason=exc), file=sys.stderr)
+    from polycom_megatron.training import megatron_lm
+
+    wants_help = bool({"-h", "--help"} & set(megatron_argv))
+    # --help needs no dataset helpers: only the imports are checked then.
+    problem = megatron_lm.problem(helpers=not wants_help)
+    if problem and wants_help:
+        _own_help(problem)
+        return 0
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
 
     from polycom_megatron.patching import polycom_help
@@ -99,6 +89,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _own_help(problem: str) -> None:
+    """--help where Megatron-LM cannot be imported: our flags, and why Megatron-LM's own
+    (those of its pretrain_gpt.py, which this command also takes) are not listed."""
+    parser = argparse.ArgumentParser(
+        prog="polycom-megatron pretrain",
+        description="Megatron-LM's pretrain_gpt.py on a PolyCom GPT: takes every argument "
+        "that script takes, plus the ones below.",
+        epilog="Megatron-LM's own arguments are listed here once megatron.training can be "
+        "imported; now:\n\n" + problem.removeprefix("error: "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_launcher_args(add_polycom_args(parser))
+    parser.print_help()
 
 
 # --------------------------------------------------------------------------------------
@@ -166,17 +171,19 @@ def prepare_argv(argv: Sequence[str]) -> Tuple[List[str], Optional[PolyComConfig
     should parse (with bias-activation fusion off under PolyCom) and the PolyCom config."""
     if "-h" in argv or "--help" in argv:
         return list(argv), None  # Megatron prints the help, our group included
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    add_polycom_args(parser)
-    for flag in GLU_FLAGS:
-        parser.add_argument(flag, action="store_true")
-    known, _ = parser.parse_known_args(list(argv))
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    add_megatron_activation_flags(add_polycom_args(parser))
+    parser.add_argument("--ffn-hidden-size", type=int, default=None)
+    try:
+        known, _ = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError as exc:
+        raise ValueError(f"{exc}.") from None
     polycom = PolyComConfig.from_args(known)  # raises ValueError on a bad order/eps
     if polycom is None:
         return list(argv), None
-    glu = [flag for flag in GLU_FLAGS if getattr(known, flag[2:].replace("-", "_"))]
-    if glu:
-        raise ValueError(gated_unit_conflict(glu[0], polycom.activation, gated=polycom.gated))
+    conflicts = activation_flag_conflicts(known, polycom)
+    if conflicts:
+        raise ValueError("\n".join(conflicts))
     missing = [flag for flag in NO_FUSION_FLAGS if flag not in argv]
     if missing:
         print(
@@ -227,6 +234,9 @@ class UnsupportedSettings(ValueError):
 
 
 def check_args(args: argparse.Namespace) -> None:
+    conflicts = activation_flag_conflicts(args, PolyComConfig.from_args(args))
+    if conflicts:  # prepare_argv refused these already; a namespace may come from elsewhere
+        raise UnsupportedSettings("\n".join(conflicts))
     found = unsupported_settings(args)
     if found:
         raise UnsupportedSettings(

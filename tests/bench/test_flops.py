@@ -11,15 +11,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from polycom_megatron.bench import flops as F
+from polycom_megatron.bench import cases as C
 from polycom_megatron.bench import throughput as T
 
 SEQ, BATCH = 16, 2
 
 
 @pytest.fixture(scope="module")
-def settings():
+def settings(tmp_path_factory):
     # Local spec even where Transformer Engine is installed: the counter cannot see TE's GEMMs.
-    s = T.resolve_settings(T.parse_args(["--smoke", "--te", "off", "--out-dir", "unused"]))
+    out = tmp_path_factory.mktemp("unused")
+    s = T.resolve_settings(T.parse_args(["--smoke", "--te", "off", "--out-dir", str(out)]))
     s.seq_length, s.micro_batch = SEQ, BATCH
     created = T.init_single_process(s.device)
     yield s
@@ -34,18 +36,18 @@ def tiny_shape(activation, moe=False):
 def build_model(shape, s):
     from polycom_megatron.model import build_gpt_model
 
-    config = T.transformer_config(shape, s)
+    config = C.transformer_config(shape, s)
     torch.manual_seed(0)
-    if shape.is_moe and shape.activation in T.POLYCOM:
+    if shape.is_moe and shape.activation in C.POLYCOM:
         # Builds without PolyCom experts refuse MoE specs; the benchmark reports them unavailable.
         from polycom_megatron.specs import get_gpt_block_spec
 
         try:
-            get_gpt_block_spec(config, T.polycom_config(shape.activation, "torch"), use_te=False)
+            get_gpt_block_spec(config, C.polycom_config(shape.activation, "torch"), use_te=False)
         except ValueError as exc:
             pytest.skip(f"PolyCom experts not in this build: {exc}")
     model = build_gpt_model(
-        config, T.polycom_config(shape.activation, "torch"), shape.vocab_size, shape.seq_length
+        config, C.polycom_config(shape.activation, "torch"), shape.vocab_size, shape.seq_length
     )
     return model.to(s.device)
 

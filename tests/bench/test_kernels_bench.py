@@ -15,7 +15,7 @@ SMOKE = ["--rows", "64", "--cols", "256", "--impls", "naive,torch,triton", "--re
 
 def test_smoke_run_writes_every_entry(tmp_path):
     out = tmp_path / "kernels.json"
-    payload = kernels.main(SMOKE + ["--json", str(out)])
+    payload = kernels.run(SMOKE + ["--json", str(out)])
     data = json.loads(out.read_text())
     assert data["results"] == json.loads(json.dumps(payload["results"]))
 
@@ -44,12 +44,12 @@ def test_smoke_run_writes_every_entry(tmp_path):
     meta = data["meta"]
     for key in ("device_name", "torch", "triton", "git_commit", "command", "timer"):
         assert key in meta
-    assert meta["command"].startswith("python -m polycom_megatron.bench.kernels --rows 64")
+    assert meta["command"].startswith("polycom-megatron bench-kernels --rows 64")
     assert meta["timer"] == ("cuda_events" if torch.cuda.is_available() else "wall_clock")
 
 
 def test_unavailable_liger_is_skipped_with_a_note(tmp_path):
-    payload = kernels.main(
+    payload = kernels.run(
         ["--rows", "8", "--cols", "64", "--ops", "polynorm,polyrelu", "--impls", "naive,liger",
          "--reps", "1", "--warmup", "0"]
     )
@@ -57,3 +57,29 @@ def test_unavailable_liger_is_skipped_with_a_note(tmp_path):
     assert "no PolyReLU" in notes[("polyrelu", "liger")]
     liger_ran = any(r["impl"] == "liger" for r in payload["results"])
     assert liger_ran != (("polynorm", "liger") in notes)
+
+
+def test_main_is_an_exit_status_and_refuses_to_replace_results(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    tiny = ["--rows", "8", "--cols", "64", "--impls", "naive,torch", "--reps", "1", "--warmup", "0"]
+    assert kernels.main(tiny + ["--json", str(out)]) == 0
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        kernels.main(tiny + ["--json", str(out)])
+    assert out.read_bytes() == before
+    assert kernels.main(tiny + ["--json", str(out), "--overwrite"]) == 0
+
+
+def test_nothing_timed_is_a_failure():
+    # PolyReLU has no Liger kernel: nothing can run, and that is not a success.
+    with pytest.raises(SystemExit, match="nothing could be timed"):
+        kernels.main(["--ops", "polyrelu", "--impls", "liger", "--rows", "8", "--cols", "64"])
+
+
+@pytest.mark.parametrize("flag, value", [("--rows", "0"), ("--cols", "64,x"), ("--reps", "0"),
+                                         ("--warmup", "-1"), ("--order", "0")])
+def test_bad_numbers_are_refused_while_parsing(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        kernels.parse_args([flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err

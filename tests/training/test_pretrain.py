@@ -7,8 +7,13 @@ Megatron-LM's own loop, and resumes from its checkpoint."""
 
 import argparse
 import importlib.util
+import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +21,7 @@ import torch
 import gpt_harness as h
 import megatron_lm
 from distributed import run_distributed
-from polycom_megatron.config import PolyComConfig, add_polycom_args
+from polycom_megatron.config import MEGATRON_ACTIVATION_FLAGS, PolyComConfig, add_polycom_args
 from polycom_megatron.training import pretrain
 from polycom_megatron.training.pretrain import NO_FUSION_FLAGS, prepare_argv
 
@@ -70,6 +75,41 @@ def test_gated_form_keeps_fusion_off_and_refuses_a_second_gated_unit(capsys):
         prepare_argv(argv + ["--swiglu"])
     with pytest.raises(ValueError, match="--polycom-gated needs a PolyCom activation"):
         prepare_argv(MEGATRON_ARGS + ["--polycom-gated"])
+
+
+def _set(flag, off, kind):
+    """The command-line words that turn ``flag`` on (or give it a value other than off)."""
+    return [flag] if kind is None else [flag, "0.5" if kind is float else "2"]
+
+
+@pytest.mark.parametrize("flag, dest, off, kind", MEGATRON_ACTIVATION_FLAGS,
+                         ids=[row[0] for row in MEGATRON_ACTIVATION_FLAGS])
+def test_every_megatron_activation_flag_is_refused_with_polycom(flag, dest, off, kind):
+    """Each would be ignored or fight PolyCom: refused before Megatron starts (prepare_argv)
+    and on Megatron's parsed arguments (check_args, shared with the patches)."""
+    with pytest.raises(ValueError, match=re.escape(flag)) as refused:
+        prepare_argv(MEGATRON_ARGS + _set(flag, off, kind) + ["--polycom-activation", "polyrelu"])
+    assert "\n" not in str(refused.value) and "polyrelu" in str(refused.value)
+    parsed = megatron_args("--polycom-activation", "polynorm", **{dest: True if kind is None
+                                                                   else kind(2)})
+    with pytest.raises(pretrain.UnsupportedSettings, match=re.escape(flag)):
+        pretrain.check_args(parsed)
+    # Without PolyCom they are Megatron's business: passed through untouched.
+    argv = MEGATRON_ARGS + _set(flag, off, kind)
+    assert prepare_argv(argv) == (argv, None)
+
+
+def test_off_values_are_not_conflicts():
+    argv = MEGATRON_ARGS + ["--glu-linear-offset", "0", "--polycom-activation", "polynorm"]
+    assert prepare_argv(argv)[1] is not None
+
+
+def test_every_conflict_is_named_once_per_line():
+    with pytest.raises(ValueError) as refused:
+        prepare_argv(MEGATRON_ARGS + ["--squared-relu", "--openai-gelu",
+                                      "--polycom-activation", "polynorm"])
+    lines = str(refused.value).splitlines()
+    assert len(lines) == 2 and lines[0].startswith("--squared-relu") and "--openai-gelu" in lines[1]
 
 
 def test_main_reports_bad_polycom_flags_before_anything_starts(capsys):
@@ -299,18 +339,7 @@ def test_get_batch_hands_a_single_stage_everything_it_needs(with_mask):
 # Megatron-LM's own training loop on real release trees (skipped without them)
 # --------------------------------------------------------------------------------------
 
-TINY_GPT = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--ffn-hidden-size", "192", "--seq-length", "32", "--max-position-embeddings", "32",
-    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "5e-3",
-    "--lr-decay-style", "constant", "--disable-bias-linear", "--normalization", "RMSNorm",
-    "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
-    # 0.15's mock data draws token ids up to 4095: 4095 + the end-of-document id.
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "4095", "--mock-data",
-    "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000", "--seed", "7",
-    # Dropout off: Megatron-LM's loop restores the RNG inexactly on the CPU harness.
-    "--hidden-dropout", "0", "--attention-dropout", "0",
-]
+TINY_GPT = megatron_lm.TINY_GPT
 TINY_MOE_TP2_EP2 = [
     "--tensor-model-parallel-size", "2", "--sequence-parallel",
     "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
@@ -358,3 +387,81 @@ def test_megatron_training_loop_on_cpu(tmp_path, setup):
         # 6 also depends on the restored optimizer moments; on the CPU it differed by ~2e-3
         # in this loop (not in train-cpu's, which restores exactly): not asserted, open.
         assert resumed[5] == pytest.approx(straight[5], rel=1e-5), (tree, resumed, straight)
+
+
+# --------------------------------------------------------------------------------------
+# What stops Megatron-LM's loop from starting, named before it starts
+# --------------------------------------------------------------------------------------
+
+EXE = str(Path(sys.executable).parent / "polycom-megatron")
+
+
+def _pretrain(argv, pythonpath, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath))}
+    return subprocess.run([EXE, "pretrain", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_a_missing_dependency_of_megatron_lm_is_named(tmp_path):
+    """A Megatron-LM whose training package imports something absent (here a checkout
+    stand-in, as CI has no real tree; the real trees are checked below): the package is
+    named with the pip command, instead of "put a checkout on PYTHONPATH"."""
+    training = tmp_path / "megatron" / "training"
+    training.mkdir(parents=True)
+    (training / "__init__.py").write_text("import polycom_test_absent_dependency\n")
+    done = _pretrain(MEGATRON_ARGS + ["--polycom-activation", "polynorm"], [tmp_path], tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: Megatron-LM at {tmp_path} is importable, but No module "
+                           "named 'polycom_test_absent_dependency'"), line
+    assert "pip install polycom_test_absent_dependency" in line
+
+
+@megatron_lm.needs_trees
+def test_missing_dependencies_are_named_on_real_trees(tmp_path):
+    """Real trees without their extra dependencies: the first and the newest release."""
+    found = megatron_lm.trees()
+    for tree in dict.fromkeys([found[0], found[-1]]):
+        done = _pretrain(["--cpu", *TINY_GPT, "--polycom-activation", "polynorm"],
+                         [tree, Path(__file__).resolve().parents[2]], tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (tree, done.stderr[-3000:])
+        line = done.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: Megatron-LM at {tree}"), (tree, line)
+        assert ("pip install" in line and ("six" in line or "pyyaml" in line)) or (
+            sys.version_info < (3, 12) and "needs Python >= 3.12" in line), (tree, line)
+
+
+# Megatron-LM flags whose names look like activation settings but do not choose or shape
+# the MLP activation (recompute, offloading, fusions PolyCom turns off itself, ...).
+NOT_ACTIVATION_FLAGS = {
+    "--recompute-activations", "--distribute-saved-activations", "--checkpoint-activations",
+    "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion", "--fine-grained-activation-offloading",
+    "--activation-offload-fraction", "--save-activations-interval", "--swin-backbone-type",
+    "--no-dsa-indexer-rotate-activation", "--disable-dsa-indexer-rotate-activation",
+    "--no-dsa-indexer-scoring-relu", "--disable-dsa-indexer-scoring-relu",
+}
+LIST_FLAGS = """
+import argparse, json, re, warnings
+warnings.simplefilter("ignore")
+from megatron.training.arguments import add_megatron_arguments
+parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+print(json.dumps({o: a.dest for a in parser._actions for o in a.option_strings
+                  if re.search(r"glu|gelu|relu|activation|silu", o)}))
+"""
+
+
+@megatron_lm.needs_trees
+def test_the_activation_flag_table_covers_every_release(tmp_path):
+    """Every flag of every tree that looks like an activation setting is either refused
+    with PolyCom (config.MEGATRON_ACTIVATION_FLAGS, same dest) or known to be harmless."""
+    table = {flag: dest for flag, dest, _, _ in MEGATRON_ACTIVATION_FLAGS}
+    seen = set()
+    for tree in megatron_lm.trees():
+        done = megatron_lm.run_python(tree, ["-c", LIST_FLAGS], cwd=tmp_path)
+        assert done.returncode == 0, (tree, done.stderr[-3000:])
+        flags = json.loads(done.stdout.strip().splitlines()[-1])
+        unknown = set(flags) - set(table) - NOT_ACTIVATION_FLAGS
+        assert not unknown, (tree, unknown)
+        assert all(flags[f] == table[f] for f in flags if f in table), tree
+        seen |= set(flags)
+    assert set(table) <= seen  # no flag in the table that no release has
