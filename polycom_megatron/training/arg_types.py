@@ -37,11 +37,12 @@ def real(
 ) -> Callable[[str], float]:
     """A finite float in the interval given (open ends excluded)."""
     left, right = ("(" if low_open else "["), (")" if high_open else "]")
-    if high == math.inf:
-        bounds = "positive" if (low == 0 and low_open) else f"at least {low:g}"
-        bounds = "non-negative" if (low == 0 and not low_open) else bounds
+    if high == math.inf and low == 0:
+        bounds = "a positive finite number" if low_open else "a finite number >= 0"
+    elif high == math.inf:
+        bounds = f"a finite number {'>' if low_open else '>='} {low:g}"
     else:
-        bounds = f"in {left}{low:g}, {high:g}{right}"
+        bounds = f"a number in {left}{low:g}, {high:g}{right}"
 
     def parse(text: str) -> float:
         try:
@@ -54,7 +55,7 @@ def real(
             and (value < high if high_open else value <= high)
         )
         if not inside:
-            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}{what}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {bounds}{what}, got {text}")
         return value
 
     parse.__name__ = "real"

@@ -55,7 +55,7 @@ def fingerprint(job: CpuJob) -> dict:
         vocab_size=job.vocab_size,
         activation=polycom.activation if polycom else "none",
         order=polycom.order if polycom else None,
-        eps=polycom.eps if polycom and polycom.activation == "polynorm" else None,
+        eps=polycom.eps if polycom else None,
         coeff_mode=polycom.coeff_mode if polycom and job.is_moe else None,
     )
     layout = dict(

@@ -104,13 +104,13 @@ def _failure_message(processes, first, workdir: str) -> str:
                 pass
     expected = [name for name in sorted(records) if records[name]["expected"]]
     if expected:
-        return f"{expected[0]}: {records[expected[0]]['message']}"
+        return records[expected[0]]["message"]
+    who = first.name.replace("rank", "rank ")
     if first.name in records:
-        record = records[first.name]
-        return f"{first.name} failed:\n{record['traceback'].rstrip()}"
+        return f"{who} failed:\n{records[first.name]['traceback'].rstrip()}"
     code = first.exitcode
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
-    return f"{first.name} (pid {first.pid}) {how}; stopped the other ranks"
+    return f"{who} (pid {first.pid}) {how}; stopped the other ranks"
 
 
 def _terminate_as_interrupt(signum, frame):
