@@ -34,6 +34,8 @@ from polycom_megatron.training.cpu_resume import choose_checkpoint
 from polycom_megatron.training.processes import RankFailed
 
 SUMMARY_FILE = "summary.json"
+# Where the traceback of a rank that failed on a bug goes (the terminal gets one line).
+FAILURE_FILE = "failure-traceback.txt"
 # What a rank imports: preloaded once by the fork server.
 _RANK_MODULE = "polycom_megatron.training.cpu_train"
 
@@ -141,7 +143,14 @@ def run(
     wall_start = time.perf_counter()
     prepare_data(job, quiet=prepare_quietly)
     print(f"{job.describe_model()}\n{job.describe_layout()}", flush=True)
-    result = _launch(job, start.iteration, deadline_s)
+    try:
+        result = _launch(job, start.iteration, deadline_s)
+    except RankFailed as exc:
+        if exc.traceback:
+            job.output_dir.mkdir(parents=True, exist_ok=True)
+            (job.output_dir / FAILURE_FILE).write_text(exc.traceback)
+            raise RankFailed(f"{exc} (traceback: {job.output_dir / FAILURE_FILE})") from None
+        raise
     summary = RunSummary(
         layout=job.describe_layout(),
         model=job.describe_model(),

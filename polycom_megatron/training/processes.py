@@ -32,7 +32,12 @@ _WATCH_INTERVAL_S = 0.5
 
 
 class RankFailed(RuntimeError):
-    """A rank exited non-zero; the message is what to tell the user."""
+    """A rank exited non-zero; the message is what to tell the user (one line), and
+    ``traceback`` the failing rank's traceback when it was a bug rather than bad input."""
+
+    def __init__(self, message: str, traceback: Optional[str] = None):
+        super().__init__(message)
+        self.traceback = traceback
 
 
 def launch(
@@ -47,7 +52,9 @@ def launch(
     multiprocessing.set_forkserver_preload(list(preload))
     launcher = os.getpid()
     processes: List[multiprocessing.Process] = []
-    previous_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        previous_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         for rank in range(world_size):
             process = context.Process(
@@ -59,7 +66,8 @@ def launch(
         _watch(processes, workdir, deadline_s)
     finally:
         stop(processes)
-        signal.signal(signal.SIGTERM, previous_term)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def stop(processes: Sequence[multiprocessing.Process]) -> None:
@@ -88,12 +96,12 @@ def _watch(processes, workdir: str, deadline_s: Optional[float]) -> None:
                 # Give the others a moment to record their own errors: the first rank to
                 # exit is not always the one that knows why.
                 time.sleep(0.2)
-                raise RankFailed(_failure_message(processes, process, workdir))
+                raise _failure(processes, process, workdir)
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"the {len(processes)} ranks did not finish within {deadline_s:.0f} s")
 
 
-def _failure_message(processes, first, workdir: str) -> str:
+def _failure(processes, first, workdir: str) -> RankFailed:
     records = {}
     for process in processes:
         path = Path(workdir) / f"{process.name}.error.json"
@@ -104,13 +112,15 @@ def _failure_message(processes, first, workdir: str) -> str:
                 pass
     expected = [name for name in sorted(records) if records[name]["expected"]]
     if expected:
-        return records[expected[0]]["message"]
+        return RankFailed(records[expected[0]]["message"])
     who = first.name.replace("rank", "rank ")
     if first.name in records:
-        return f"{who} failed:\n{records[first.name]['traceback'].rstrip()}"
+        record = records[first.name]
+        last = record["traceback"].rstrip().splitlines()[-1]
+        return RankFailed(f"{who} failed: {last}", traceback=record["traceback"])
     code = first.exitcode
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
-    return f"{who} (pid {first.pid}) {how}; stopped the other ranks"
+    return RankFailed(f"{who} (pid {first.pid}) {how}; stopped the other ranks")
 
 
 def _terminate_as_interrupt(signum, frame):
