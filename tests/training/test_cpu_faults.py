@@ -112,23 +112,29 @@ def truncate(path: Path):
 FILES = {
     "distcp": lambda c: c / "iter_0000004" / "__0_1.distcp",
     "metadata": lambda c: c / "iter_0000004" / ".metadata",
-    "metadata.json": lambda c: c / "iter_0000004" / "metadata.json",
     "common": lambda c: c / "iter_0000004" / "common.pt",
+    "metadata.json": lambda c: c / "iter_0000004" / "metadata.json",
     "manifest": lambda c: c / "iter_0000004" / "polycom_manifest.json",
     "tracker": lambda c: c / "latest_checkpointed_iteration.txt",
 }
+# A damaged manifest hides what it would have checked, so it is damaged on its own; every
+# other file kind is damaged at once, and each must be named in a line of its own.
+DAMAGE_SETS = {"files": ["distcp", "metadata", "common", "metadata.json", "tracker"],
+               "manifest": ["manifest"]}
 
 
 @pytest.mark.parametrize("damage", [flip, zero, truncate], ids=lambda f: f.__name__)
-@pytest.mark.parametrize("kind", sorted(FILES))
-def test_a_damaged_checkpoint_file_is_refused_naming_it(copy, kind, damage):
+@pytest.mark.parametrize("damaged", sorted(DAMAGE_SETS))
+def test_damaged_checkpoint_files_are_refused_naming_each(copy, damaged, damage):
     run_dir, data_dir = copy
-    target = FILES[kind](ckpts(run_dir))
-    damage(target)
+    targets = [FILES[kind](ckpts(run_dir)) for kind in DAMAGE_SETS[damaged]]
+    for target in targets:
+        damage(target)
     before = tree_digest(ckpts(run_dir))
     result = run(train_cpu(run_dir, data_dir, "--steps", "6", "--resume"))
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert_one_line_per_problem(result, str(target), "--resume-fallback")
+    assert_one_line_per_problem(result, *map(str, targets), "--resume-fallback")
+    assert len(error_lines(result)) == len(targets) + 1, "one line per file, one for the fix"
     assert "resumed from" not in result.stdout
     assert tree_digest(ckpts(run_dir)) == before, "a refused resume changes nothing"
 
@@ -149,22 +155,24 @@ def test_resume_fallback_resumes_from_the_newest_intact_checkpoint(copy, kind, r
 # ---- flags that disagree with the checkpoint -------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "flags, named",
-    [
-        (["--polycom-activation", "polyrelu"], "--polycom-activation polynorm"),
-        (["--polycom-order", "2"], "--polycom-order 3"),
-        (["--hidden", "64"], "--hidden 32"),
-        (["--ffn-hidden", "128"], "--ffn-hidden 64"),
-        (["--num-experts", "2", "--ep", "2"], "--num-experts 4"),
-        (["--ep", "1"], "--ep 2"),
-    ],
-)
-def test_a_resume_with_other_model_flags_is_refused_naming_the_flag(copy, flags, named):
+def test_a_resume_with_other_model_flags_is_refused_naming_each_flag(copy):
     run_dir, data_dir = copy
+    flags = ["--polycom-activation", "polyrelu", "--polycom-order", "2", "--hidden", "64",
+             "--num-experts", "2"]
     result = run(train_cpu(run_dir, data_dir, "--steps", "6", "--resume", *flags))
     assert result.returncode == 2, result.stderr[-2000:]
-    assert_one_line_per_problem(result, named, str(ckpts(run_dir) / "iter_0000004"))
+    named = ["--polycom-activation polynorm", "--polycom-order 3", "--hidden 32",
+             "--ffn-hidden 64", "--num-experts 4"]  # --ffn-hidden follows --hidden
+    assert_one_line_per_problem(result, *named)
+    assert len(error_lines(result)) == len(named)
+    assert all(str(ckpts(run_dir) / "iter_0000004") in line for line in error_lines(result))
+
+
+def test_a_layout_change_that_does_not_reshard_is_refused_naming_the_flag(copy):
+    run_dir, data_dir = copy
+    result = run(train_cpu(run_dir, data_dir, "--steps", "6", "--resume", "--ep", "1"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert_one_line_per_problem(result, "saved at --ep 2, this run asks for --ep 1", "resume with --ep 2")
 
 
 # ---- numbers refused at parse time -------------------------------------------------------
@@ -174,12 +182,7 @@ def test_a_resume_with_other_model_flags_is_refused_naming_the_flag(copy, flags,
     "flags, message",
     [
         (["--lr", "nan"], "argument --lr: must be a positive finite number, got nan"),
-        (["--lr", "-1"], "argument --lr: must be a positive finite number"),
         (["--timeout", "0"], "argument --timeout: must be a positive finite number, got 0"),
-        (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
-        (["--dropout", "1"], "argument --dropout: must be a number in [0, 1)"),
-        (["--clip-grad", "inf"], "argument --clip-grad: must be a finite number >= 0"),
-        (["--save-interval", "-2"], "argument --save-interval: must be at least 0"),
     ],
 )
 def test_bad_numbers_are_refused_in_one_line(tmp_path, flags, message):
