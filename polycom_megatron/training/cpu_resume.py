@@ -120,15 +120,17 @@ def choose_checkpoint(job: CpuJob) -> StartPoint:
         mismatch = _mismatches(manifest["fingerprint"], expected, path)
         if mismatch:
             raise CheckpointError("\n".join(mismatch))
-        return StartPoint(iteration, path, _set_aside(root, damaged) + _version_notes(
-            manifest["fingerprint"], expected, path
-        ))
+        notes = _set_aside(root, damaged) + _version_notes(manifest["fingerprint"], expected, path)
+        if damaged:
+            # A crash before the next save must not find the tracker on a damaged one.
+            integrity.write_tracker(root, iteration)
+        return StartPoint(iteration, path, notes)
     lines = [line for found in damaged.values() for line in found]
     if fallback:
         lines.append(f"--resume-fallback: no intact checkpoint left under {root}")
     else:
         older = [i for i in saved if i not in damaged and (tracked is None or i < tracked)]
-        hint = f" (the newest other one is {iteration_dir(root, older[0]).name})" if older else ""
+        hint = f" ({iteration_dir(root, older[0]).name} is the next older)" if older else ""
         lines.append(
             f"refusing to resume from a damaged checkpoint; pass --resume-fallback to resume "
             f"from the newest intact one{hint}, or --overwrite without --resume to start over"
