@@ -84,7 +84,8 @@ def load_checkpoint(root, model, optimizer, scheduler, iteration: Optional[int] 
 
     RNG states are per rank; they are restored when the world size matches the saved one,
     otherwise training continues with the current RNG (model and optimizer state still
-    load: dist_checkpointing reshards them to the current parallel layout).
+    load: dist_checkpointing reshards them to the current parallel layout, within the
+    limits ``cpu_reshard`` states and checks before loading).
     """
     if iteration is None:
         iteration = latest_iteration(root)

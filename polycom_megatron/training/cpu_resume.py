@@ -22,6 +22,7 @@ from typing import List, Optional
 from polycom_megatron.training import checkpoint_integrity as integrity
 from polycom_megatron.training.checkpoint_integrity import CheckpointError, iteration_dir
 from polycom_megatron.training.cpu_job import CpuJob
+from polycom_megatron.training.cpu_reshard import layout_problems
 
 # Fingerprint entries that must match for a resume, and the flag that sets each.
 MODEL_FLAGS = {
@@ -149,8 +150,6 @@ def _mismatches(saved: dict, expected: dict, path: Path) -> List[str]:
             )
     if saved["model"].get("architecture") != expected["model"]["architecture"]:
         found.append(f"checkpoint {path} holds a {saved['model'].get('architecture')} model")
-    from polycom_megatron.training.cpu_reshard import layout_problems
-
     if not found:
         found += layout_problems(saved["layout"], expected["layout"], path)
     return found
