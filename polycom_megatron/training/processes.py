@@ -10,6 +10,7 @@ Ctrl-C reaches only the launcher, which stops them and reports once.
 - The launcher dies (even by SIGKILL): each rank's watchdog thread sees its parent change
   or the launcher's pid vanish within a second and kills its own group.
 - Ctrl-C or SIGTERM in the launcher: ranks are killed, ``KeyboardInterrupt`` propagates.
+- The fork server the ranks come from dies with the launcher (``forkserver_guard``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Callable, List, Optional, Sequence
 # is a bug and its traceback is shown, once.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, TimeoutError)
 _WATCH_INTERVAL_S = 0.5
+_FORKSERVER_GUARD = "polycom_megatron.training.forkserver_guard"
 
 
 class RankFailed(RuntimeError):
@@ -49,7 +51,7 @@ def launch(
     ``TimeoutError`` (after killing them all) otherwise. ``workdir`` receives the ranks'
     error records."""
     context = multiprocessing.get_context("forkserver")
-    multiprocessing.set_forkserver_preload(list(preload))
+    multiprocessing.set_forkserver_preload([_FORKSERVER_GUARD, *preload])
     launcher = os.getpid()
     processes: List[multiprocessing.Process] = []
     in_main_thread = threading.current_thread() is threading.main_thread()
