@@ -35,9 +35,14 @@ def _killed_with_a_child(rank, workdir):
     import subprocess
 
     child = subprocess.Popen(["sleep", "120"])
-    open(os.path.join(workdir, f"child{rank}"), "w").write(str(child.pid))
+    tmp = os.path.join(workdir, f"child{rank}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(child.pid))
+    os.replace(tmp, os.path.join(workdir, f"child{rank}"))
     if rank == 1:
-        time.sleep(0.5)
+        while not os.path.exists(os.path.join(workdir, "child0")):
+            time.sleep(0.05)  # both ranks have started their child
+        time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)
 
