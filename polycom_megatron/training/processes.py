@@ -148,6 +148,9 @@ def _rank_entry(fn: Callable, rank: int, args: tuple, launcher: int, workdir: st
             traceback=traceback.format_exc(),
         )
         _write_json(Path(workdir) / f"rank{rank}.error.json", record)
+        # Often this error is a peer's death seen through a collective, and the launcher
+        # may be gone too: end what this rank started before leaving it orphaned.
+        _kill_group_members(os.getpid())
         os._exit(1)
 
 
@@ -162,6 +165,21 @@ def _start_watchdog(launcher: int) -> None:
                 os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
+
+
+def _kill_group_members(pgid: int) -> None:
+    """SIGKILL every process of group ``pgid`` except the caller (Linux: read /proc)."""
+    me = os.getpid()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # after the name: state, ppid, pgrp
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
 
 
 def _alive(pid: int) -> bool:
