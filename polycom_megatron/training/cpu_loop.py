@@ -30,7 +30,7 @@ import torch
 
 from polycom_megatron.training import processes
 from polycom_megatron.training.cpu_job import DEFAULT_NUM_EXPERTS, CpuJob, build_parser, job_from_args
-from polycom_megatron.training.cpu_resume import choose_checkpoint
+from polycom_megatron.training.cpu_resume import choose_checkpoint, confirm_checkpoint
 from polycom_megatron.training.processes import RankFailed
 
 SUMMARY_FILE = "summary.json"
@@ -137,11 +137,12 @@ def run(
     ``output_dir/summary.json``). ``deadline_s`` bounds the training processes' wall time
     (TimeoutError after killing them)."""
     job.validate()
-    start = choose_checkpoint(job)
-    for note in start.notes:
-        print(note, flush=True)
+    start = choose_checkpoint(job)  # the checks that need no data, before any work
     wall_start = time.perf_counter()
     prepare_data(job, quiet=prepare_quietly)
+    start = confirm_checkpoint(job, start)
+    for note in start.notes:
+        print(note, flush=True)
     print(f"{job.describe_model()}\n{job.describe_layout()}", flush=True)
     try:
         result = _launch(job, start.iteration, deadline_s)

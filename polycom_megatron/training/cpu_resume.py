@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from polycom_megatron.training import checkpoint_integrity as integrity
 from polycom_megatron.training.checkpoint_integrity import CheckpointError, iteration_dir
@@ -73,11 +73,14 @@ class StartPoint:
     iteration: Optional[int] = None
     path: Optional[Path] = None
     notes: List[str] = field(default_factory=list)  # printed by the launcher, one line each
+    damaged: Dict[Optional[int], List[str]] = field(default_factory=dict)  # skipped on the way
 
 
 def choose_checkpoint(job: CpuJob) -> StartPoint:
-    """Decide (and check) the starting checkpoint; raise ``CheckpointError`` if there is
-    none that this run may load. ``job.overwrite`` removes old checkpoints of a fresh run."""
+    """Decide the starting checkpoint and verify its files; raise ``CheckpointError`` if
+    there is none that this run may load. Cheap and before any work: a fresh run over old
+    checkpoints is refused (or, with ``job.overwrite``, they are removed). Then
+    ``confirm_checkpoint`` compares it with the run's flags."""
     root, overwrite, fallback = job.checkpoint_dir, job.overwrite, job.resume_fallback
     tracked, tracker_problem = integrity.read_tracker(root)
     saved = integrity.saved_iterations(root)
@@ -106,7 +109,6 @@ def choose_checkpoint(job: CpuJob) -> StartPoint:
     else:
         candidates = saved
         damaged = {None: [tracker_problem]}
-    expected = fingerprint(job)
     for iteration in candidates:
         path = iteration_dir(root, iteration)
         found = integrity.problems(path, expected_iteration=iteration)
@@ -117,15 +119,7 @@ def choose_checkpoint(job: CpuJob) -> StartPoint:
             continue
         if damaged and not fallback:
             break
-        manifest, _ = integrity.read_manifest(path)
-        mismatch = _mismatches(manifest["fingerprint"], expected, path)
-        if mismatch:
-            raise CheckpointError("\n".join(mismatch))
-        notes = _set_aside(root, damaged) + _version_notes(manifest["fingerprint"], expected, path)
-        if damaged:
-            # A crash before the next save must not find the tracker on a damaged one.
-            integrity.write_tracker(root, iteration)
-        return StartPoint(iteration, path, notes)
+        return StartPoint(iteration, path, damaged=damaged)
     lines = [line for found in damaged.values() for line in found]
     if fallback:
         lines.append(f"--resume-fallback: no intact checkpoint left under {root}")
@@ -137,6 +131,26 @@ def choose_checkpoint(job: CpuJob) -> StartPoint:
             f"from the newest intact one{hint}, or --overwrite without --resume to start over"
         )
     raise CheckpointError("\n".join(lines))
+
+
+def confirm_checkpoint(job: CpuJob, start: StartPoint) -> StartPoint:
+    """Refuse a checkpoint whose fingerprint disagrees with the run's flags or whose layout
+    does not reshard to this one (one line each); once it is accepted, move the damaged
+    checkpoints ``--resume-fallback`` skipped out of the way. Needs the final job (the
+    vocabulary size is known once the data is prepared)."""
+    if start.iteration is None:
+        return start
+    manifest, _ = integrity.read_manifest(start.path)
+    expected = fingerprint(job)
+    mismatch = _mismatches(manifest["fingerprint"], expected, start.path)
+    if mismatch:
+        raise CheckpointError("\n".join(mismatch))
+    notes = _set_aside(job.checkpoint_dir, start.damaged)
+    if start.damaged:
+        # A crash before the next save must not find the tracker on a damaged one.
+        integrity.write_tracker(job.checkpoint_dir, start.iteration)
+    notes += _version_notes(manifest["fingerprint"], expected, start.path)
+    return StartPoint(start.iteration, start.path, start.notes + notes)
 
 
 def _mismatches(saved: dict, expected: dict, path: Path) -> List[str]:
