@@ -8,11 +8,18 @@ Directory layout follows Megatron-LM's, so its tools recognise it::
 
     ROOT/latest_checkpointed_iteration.txt     the newest complete checkpoint
     ROOT/iter_0000100/                         one dist_checkpointing directory per save
+    ROOT/iter_0000100/polycom_manifest.json    fingerprint and per-file checksums
+
+The manifest is written after every rank has finished and before the tracker moves, so
+the tracker only ever names a checkpoint whose files are all recorded
+(``checkpoint_integrity``). Loading trusts the caller to have checked it
+(``cpu_resume.choose_checkpoint`` does, before any rank starts).
 """
 
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,7 +30,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
+from polycom_megatron.training import checkpoint_integrity as integrity
+from polycom_megatron.training.checkpoint_integrity import TRACKER_FILE, iteration_dir
 
 
 @dataclass
@@ -36,50 +44,48 @@ class LoadedState:
     rng_restored: bool
 
 
-def iteration_dir(root, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
 def latest_iteration(root) -> Optional[int]:
     """The iteration of the newest complete checkpoint under ``root``, or None."""
-    tracker = Path(root) / TRACKER_FILE
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(
-            f"{tracker} should hold an iteration number, not {text!r}; delete it or point "
-            "--output-dir at a clean directory"
-        )
-    return int(text)
+    iteration, problem = integrity.read_tracker(root)
+    if problem:
+        raise integrity.CheckpointError(problem)
+    return iteration
 
 
-def save_checkpoint(root, iteration: int, model, optimizer, scheduler, train_state: dict) -> Path:
+def save_checkpoint(
+    root, iteration: int, model, optimizer, scheduler, train_state: dict, fingerprint: dict
+) -> Path:
     """Save on all ranks (collective). ``model`` is the unwrapped GPTModel (``ddp.module``).
-    ``train_state`` is a small picklable dict, identical on every rank (e.g. the layout)."""
+    ``train_state`` is a small picklable dict, identical on every rank (e.g. the layout);
+    ``fingerprint`` is what the manifest records about the model and layout."""
     path = iteration_dir(root, iteration)
     if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            # Newer than the tracker (the caller resumed from an older checkpoint), so it
+            # is what an interrupted save left: never a checkpoint a resume would pick.
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
     dist.barrier()
     state = _state_to_save(model, optimizer, scheduler, iteration, train_state, with_rng=True)
     dist_checkpointing.save(state, str(path))
     dist.barrier()
-    # The tracker moves only once every rank has finished writing, so a crash mid-save
-    # leaves the previous checkpoint as the one a resume picks up.
+    # The manifest and then the tracker are written only once every rank has finished,
+    # so a crash mid-save leaves the previous checkpoint as the one a resume picks up.
     if dist.get_rank() == 0:
-        tmp = Path(root) / (TRACKER_FILE + ".tmp")
-        tmp.write_text(f"{iteration}\n")
-        tmp.replace(Path(root) / TRACKER_FILE)
+        integrity.write_manifest(path, iteration, fingerprint)
+        integrity.write_tracker(root, iteration)
     dist.barrier()
     return path
 
 
 def load_checkpoint(root, model, optimizer, scheduler, iteration: Optional[int] = None):
     """Load the newest (or the given) checkpoint into model, optimizer and scheduler.
+    Check it first (``checkpoint_integrity.problems``): this only loads.
 
     RNG states are per rank; they are restored when the world size matches the saved one,
     otherwise training continues with the current RNG (model and optimizer state still
-    load: dist_checkpointing reshards them to the current parallel layout).
+    load: dist_checkpointing reshards them to the current parallel layout, within the
+    limits ``cpu_reshard`` states and checks before loading).
     """
     if iteration is None:
         iteration = latest_iteration(root)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,6 +22,15 @@ from typing import Optional
 from polycom_megatron.config import PolyComConfig, add_polycom_args
 from polycom_megatron.data.cli import vocab_size_arg
 from polycom_megatron.data.tokenizer import DEFAULT_VOCAB_SIZE
+from polycom_megatron.training.arg_types import (
+    OneLineErrorParser,
+    integer,
+    non_negative_int,
+    non_negative_real,
+    positive_int,
+    positive_real,
+    real,
+)
 
 # Megatron pads the vocabulary so each TP shard of the embedding is a multiple of this.
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
@@ -57,6 +68,8 @@ class CpuJob:
     log_interval: int = 10
     save_interval: int = 0  # 0: save only at the end
     resume: bool = False
+    resume_fallback: bool = False  # resume from the newest intact checkpoint if need be
+    overwrite: bool = False  # discard the checkpoints of an earlier run in output_dir
     vocab_size: Optional[int] = None  # None: the prepared data's (the default when preparing)
     polycom: Optional[PolyComConfig] = PolyComConfig(activation="polynorm")
     timeout_s: float = 600.0
@@ -182,13 +195,44 @@ class CpuJob:
             raise ValueError(f"--save-interval must be 0 (end only) or positive, got {self.save_interval}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.lr <= 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
-            raise ValueError("--lr must be positive and --min-lr between 0 and --lr")
+        if not (math.isfinite(self.lr) and self.lr > 0) or (
+            self.min_lr is not None and not 0 <= self.min_lr <= self.lr
+        ):
+            raise ValueError("--lr must be positive and finite and --min-lr between 0 and --lr")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout_s}")
+        if self.resume_fallback and not self.resume:
+            raise ValueError("--resume-fallback only applies with --resume")
+        if self.overwrite and self.resume:
+            raise ValueError(
+                "--overwrite discards the old checkpoints, --resume continues from them: pick one"
+            )
+        self._validate_kernel()
         if self.warmup_steps > self.decay_steps:
             raise ValueError(
                 f"--lr-warmup-steps {self.warmup_steps} exceeds the decay steps {self.decay_steps}"
             )
         return self
+
+    def _validate_kernel(self) -> None:
+        if self.polycom is None or self.polycom.kernel != "triton":
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError(
+                "--polycom-kernel triton needs Triton, which is not installed; use "
+                "--polycom-kernel torch (or pip install 'polycom-megatron[triton]')"
+            )
+        import torch
+
+        # The CPU job's tensors live on the CPU: Triton runs them only in its interpreter.
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "--polycom-kernel triton needs CUDA (the CPU job runs on CPU tensors); use "
+                "--polycom-kernel torch, or set TRITON_INTERPRET=1 to run the kernels in "
+                "Triton's interpreter"
+            )
 
     def _validate_moe(self) -> None:
         if not self.is_moe:
@@ -220,7 +264,7 @@ class CpuJob:
 
 def build_parser(prog: str = "polycom-megatron train-cpu") -> argparse.ArgumentParser:
     d = CpuJob()
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog=prog,
         description="Prepare data and train a tiny PolyCom GPT with Megatron-Core on CPU "
         "ranks (gloo): tensor, expert and data parallelism, checkpoints, exact resume.",
@@ -231,48 +275,55 @@ def build_parser(prog: str = "polycom-megatron train-cpu") -> argparse.ArgumentP
     p.add_argument("--data-dir", type=Path, default=None,
                    help="where the prepared corpus, tokenizer and dataset live (prepared there "
                    "if missing; default: OUTPUT_DIR/data)")
-    p.add_argument("--steps", type=int, default=d.steps, help="train until this iteration")
-    p.add_argument("--world-size", type=int, default=d.world_size, help="ranks (processes), <= 4")
-    p.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=d.pp, help="pipeline-parallel size")
-    p.add_argument("--ep", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="train until this iteration")
+    p.add_argument("--world-size", type=positive_int, default=d.world_size, help="ranks (processes), <= 4")
+    p.add_argument("--tp", type=positive_int, default=d.tp, help="tensor-parallel size")
+    p.add_argument("--pp", type=positive_int, default=d.pp, help="pipeline-parallel size")
+    p.add_argument("--ep", type=positive_int, default=None,
                    help=f"expert-parallel size (default: {DEFAULT_EP} with experts, else 1)")
-    p.add_argument("--num-experts", type=int, default=None,
+    p.add_argument("--num-experts", type=non_negative_int, default=None,
                    help=f"experts per MoE layer; 0 = dense (default: {DEFAULT_NUM_EXPERTS} when "
                    "PolyCom experts are available in this build, else 0)")
-    p.add_argument("--moe-top-k", type=int, default=d.moe_top_k, help="experts per token")
-    p.add_argument("--layers", type=int, default=d.layers)
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--heads", type=int, default=d.heads)
-    p.add_argument("--ffn-hidden", type=int, default=None,
+    p.add_argument("--moe-top-k", type=positive_int, default=d.moe_top_k, help="experts per token")
+    p.add_argument("--layers", type=positive_int, default=d.layers)
+    p.add_argument("--hidden", type=positive_int, default=d.hidden)
+    p.add_argument("--heads", type=positive_int, default=d.heads)
+    p.add_argument("--ffn-hidden", type=positive_int, default=None,
                    help="FFN width (default: 4 x hidden dense, 2 x hidden per expert)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per micro-batch")
-    p.add_argument("--global-batch", type=int, default=d.global_batch,
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
+    p.add_argument("--micro-batch", type=positive_int, default=d.micro_batch, help="sequences per micro-batch")
+    p.add_argument("--global-batch", type=positive_int, default=d.global_batch,
                    help="sequences per optimizer step (micro-batch x DP x micro-batches)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default: lr / 10)")
-    p.add_argument("--lr-warmup-steps", type=int, default=None,
+    p.add_argument("--lr", type=positive_real, default=d.lr, help="peak learning rate")
+    p.add_argument("--min-lr", type=non_negative_real, default=None, help="cosine floor (default: lr / 10)")
+    p.add_argument("--lr-warmup-steps", type=non_negative_int, default=None,
                    help="linear warm-up (default: a tenth of the decay steps)")
-    p.add_argument("--lr-decay-steps", type=int, default=None,
+    p.add_argument("--lr-decay-steps", type=positive_int, default=None,
                    help="cosine decay horizon (default: --steps). A resumed run keeps the "
                    "schedule stored in its checkpoint, so to stop early and extend later, set "
                    "this to the final length")
-    p.add_argument("--dropout", type=float, default=d.dropout,
+    p.add_argument("--dropout", type=real(0.0, 1.0, high_open=True), default=d.dropout,
                    help="hidden and attention dropout (draws on the RNG a checkpoint restores)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--clip-grad", type=float, default=d.clip_grad)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-interval", type=int, default=d.log_interval, help="steps between log lines")
-    p.add_argument("--save-interval", type=int, default=d.save_interval,
+    p.add_argument("--weight-decay", type=non_negative_real, default=d.weight_decay)
+    p.add_argument("--clip-grad", type=non_negative_real, default=d.clip_grad)
+    p.add_argument("--seed", type=integer(0, 2**32 - 1), default=d.seed)
+    p.add_argument("--log-interval", type=positive_int, default=d.log_interval, help="steps between log lines")
+    p.add_argument("--save-interval", type=non_negative_int, default=d.save_interval,
                    help="steps between checkpoints (0: only at the end; one is always saved "
                    "at the end)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --output-dir up to --steps")
+                   help="continue from the newest checkpoint in --output-dir up to --steps "
+                   "(verified against its checksums and this run's flags first)")
+    p.add_argument("--resume-fallback", action="store_true",
+                   help="with --resume: if the newest checkpoint is damaged, resume from the "
+                   "newest intact one (the damaged ones are renamed iter_N.damaged)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train from scratch although --output-dir holds checkpoints: they "
+                   "are deleted (without it such a run is refused)")
     p.add_argument("--vocab-size", type=vocab_size_arg, default=None,
                    help="tokenizer vocabulary when train-cpu prepares the data (default: "
                    f"{DEFAULT_VOCAB_SIZE}); prepared data is used with its own")
-    p.add_argument("--timeout", type=float, default=d.timeout_s,
+    p.add_argument("--timeout", type=positive_real, default=d.timeout_s,
                    help="seconds a collective may wait before the run is declared hung")
     add_polycom_args(p)
     # The CPU demo is about PolyCom: PolyNorm unless told otherwise ('none' = stock MLP).
@@ -313,6 +364,8 @@ def job_from_args(args: argparse.Namespace, experts_available: bool) -> CpuJob:
         log_interval=args.log_interval,
         save_interval=args.save_interval,
         resume=args.resume,
+        resume_fallback=args.resume_fallback,
+        overwrite=args.overwrite,
         vocab_size=args.vocab_size,
         polycom=PolyComConfig.from_args(args),
         timeout_s=args.timeout,

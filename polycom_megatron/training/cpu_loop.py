@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import re
 import socket
@@ -27,11 +26,15 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
-import torch.multiprocessing as mp
 
+from polycom_megatron.training import processes
 from polycom_megatron.training.cpu_job import DEFAULT_NUM_EXPERTS, CpuJob, build_parser, job_from_args
+from polycom_megatron.training.cpu_resume import choose_checkpoint, confirm_checkpoint
+from polycom_megatron.training.processes import RankFailed
 
 SUMMARY_FILE = "summary.json"
+# Where the traceback of a rank that failed on a bug goes (the terminal gets one line).
+FAILURE_FILE = "failure-traceback.txt"
 # What a rank imports: preloaded once by the fork server.
 _RANK_MODULE = "polycom_megatron.training.cpu_train"
 
@@ -106,33 +109,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 flush=True,
             )
         summary = run(job)
+    except KeyboardInterrupt:
+        print("interrupted: all ranks stopped; rerun with --resume to continue from the newest "
+              "checkpoint", file=sys.stderr, flush=True)
+        return 130
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return 2
+    except (RankFailed, TimeoutError) as exc:
+        _print_error(exc)
+        return 1
     print(summary.describe(), flush=True)
     return 0
+
+
+def _print_error(exc: Exception) -> None:
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        print(f"error: {line}", file=sys.stderr, flush=True)
 
 
 def run(
     job: CpuJob, prepare_quietly: bool = False, deadline_s: Optional[float] = None
 ) -> RunSummary:
-    """Prepare data (once), train on ``job.world_size`` local gloo ranks, return the summary
-    (also written to ``output_dir/summary.json``). ``deadline_s`` bounds the training
-    processes' wall time (TimeoutError after killing them)."""
+    """Check where to start (refusing what must not be loaded), prepare data (once),
+    train on ``job.world_size`` local gloo ranks, return the summary (also written to
+    ``output_dir/summary.json``). ``deadline_s`` bounds the training processes' wall time
+    (TimeoutError after killing them)."""
     job.validate()
-    if job.resume:
-        from polycom_megatron.training.checkpoint import TRACKER_FILE, latest_iteration
-
-        if latest_iteration(job.checkpoint_dir) is None:
-            raise FileNotFoundError(
-                f"--resume: no checkpoint to resume from in {job.checkpoint_dir} (no "
-                f"{TRACKER_FILE}); run without --resume first, or point --output-dir at the "
-                "run to continue"
-            )
+    start = choose_checkpoint(job)  # the checks that need no data, before any work
     wall_start = time.perf_counter()
     job = prepare_data(job, quiet=prepare_quietly)
+    start = confirm_checkpoint(job, start)
+    for note in start.notes:
+        print(note, flush=True)
     print(f"{job.describe_model()}\n{job.describe_layout()}", flush=True)
-    result = _launch(job, deadline_s)
+    try:
+        result = _launch(job, start.iteration, deadline_s)
+    except RankFailed as exc:
+        if exc.traceback:
+            job.output_dir.mkdir(parents=True, exist_ok=True)
+            (job.output_dir / FAILURE_FILE).write_text(exc.traceback)
+            raise RankFailed(f"{exc} (traceback: {job.output_dir / FAILURE_FILE})") from None
+        raise
     summary = RunSummary(
         layout=job.describe_layout(),
         model=job.describe_model(),
@@ -189,35 +207,22 @@ def polycom_experts_available(args) -> tuple:
 # --------------------------------------------------------------------------------------
 
 
-def _launch(job: CpuJob, deadline_s: Optional[float] = None):
-    """Spawn the ranks, wait for them, return rank 0's ``RankResult``."""
+def _launch(job: CpuJob, start_iteration: Optional[int], deadline_s: Optional[float] = None):
+    """Start the ranks, wait for them, return rank 0's ``RankResult``."""
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rank0.pt")
         # Ranks fork from a server process that has imported torch and megatron-core once:
         # importing them in every rank costs each rank several CPU-seconds, and the ranks
         # share the same few cores. (The server runs no torch ops, so forking it is safe.)
-        multiprocessing.set_forkserver_preload([_RANK_MODULE])
         with _server_warnings_quieted():
-            context = mp.start_processes(
-                _rank_main,
-                args=(job, _free_port(), out_path),
-                nprocs=job.world_size,
-                join=False,
-                start_method="forkserver",
+            processes.launch(
+                _rank_main, job.world_size, (job, start_iteration, _free_port(), out_path),
+                workdir=tmp, preload=[_RANK_MODULE], deadline_s=deadline_s,
             )
-        deadline = None if deadline_s is None else time.monotonic() + deadline_s
-        # join() raises as soon as one rank fails, after stopping the others.
-        while not context.join(timeout=5.0):
-            if deadline is not None and time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                raise TimeoutError(
-                    f"the {job.world_size} ranks did not finish within {deadline_s:.0f} s"
-                )
         return torch.load(out_path, weights_only=False)
 
 
-def _rank_main(rank: int, job: CpuJob, port: int, out_path: str) -> None:
+def _rank_main(rank: int, job: CpuJob, start_iteration: Optional[int], port: int, out_path: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -241,7 +246,7 @@ def _rank_main(rank: int, job: CpuJob, port: int, out_path: str) -> None:
     try:
         from polycom_megatron.training.cpu_train import train
 
-        result = train(job)
+        result = train(job, start_iteration)
         if rank == 0:
             torch.save(result, out_path)
     finally:

@@ -28,7 +28,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from polycom_megatron.model import build_gpt_model
-from polycom_megatron.training import checkpoint, common
+from polycom_megatron.training import checkpoint, common, cpu_resume
 from polycom_megatron.training.cpu_job import CpuJob
 from polycom_megatron.data import DEFAULT_DATASET_NAME
 
@@ -54,8 +54,9 @@ class RankResult:
     rng_restored: Optional[bool] = None
 
 
-def train(job: CpuJob) -> RankResult:
-    """Build everything, optionally resume, train to ``job.steps``, save; collective."""
+def train(job: CpuJob, start_from: Optional[int] = None) -> RankResult:
+    """Build everything, resume from checkpoint ``start_from`` (an iteration the launcher
+    has verified) if given, train to ``job.steps``, save; collective."""
     _init_parallel(job)
     config = transformer_config(job)
     torch.manual_seed(job.seed)
@@ -83,8 +84,10 @@ def train(job: CpuJob) -> RankResult:
     result = RankResult(start_iteration=0, final_iteration=0)
     result.num_parameters = _count_parameters(model)
     iteration = 0
-    if job.resume:
-        loaded = checkpoint.load_checkpoint(job.checkpoint_dir, model, optimizer, scheduler)
+    if start_from is not None:
+        loaded = checkpoint.load_checkpoint(
+            job.checkpoint_dir, model, optimizer, scheduler, iteration=start_from
+        )
         iteration = loaded.iteration
         result.resumed_from, result.rng_restored = str(loaded.path), loaded.rng_restored
         _print(
@@ -370,7 +373,8 @@ def _save(job: CpuJob, iteration: int, model, optimizer, scheduler):
         layout=job.describe_layout(), model=job.describe_model(), steps=job.steps
     )
     path = checkpoint.save_checkpoint(
-        job.checkpoint_dir, iteration, model, optimizer, scheduler, train_state
+        job.checkpoint_dir, iteration, model, optimizer, scheduler, train_state,
+        fingerprint=cpu_resume.fingerprint(job),
     )
     _print(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
     return path
