@@ -1,8 +1,8 @@
 """argparse ``type=`` helpers shared by every ``polycom-megatron`` command.
 
-A bad number is refused while the command line is parsed (argparse prints the usage and
-one ``error:`` line naming the flag, exit status 2), never deep inside a run. An output
-folder is checked the same way, before any long work starts.
+A bad number (``nan``, ``inf``, ``0`` for a count, a negative rate) is refused while the
+command line is parsed: one ``error:`` line naming the flag, exit status 2, never deep
+inside a run. An output folder is checked the same way, before any long work starts.
 """
 
 from __future__ import annotations
@@ -10,51 +10,76 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 
-def _number(kind, text: str):
-    try:
-        value = kind(text)
-    except (TypeError, ValueError):
-        what = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage block of a command with thirty
+    flags buries the one line that matters) followed by where to look; exit status 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
 
 
-def _checked(kind, text: str, ok, expected: str):
-    value = _number(kind, text)
-    if not ok(value):
-        raise argparse.ArgumentTypeError(f"{text.strip()} is not {expected}")
-    return value
+def integer(low: int, high: Optional[int] = None, what: str = "") -> Callable[[str], int]:
+    """An int in [low, high] (high None: unbounded); ``what`` is added to the error."""
+    bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {bounds}{what}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    return _checked(int, text, lambda v: v >= 1, "a positive integer (1 or more)")
+def real(
+    low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+    high_open: bool = False, what: str = "",
+) -> Callable[[str], float]:
+    """A finite float in the interval given (open ends excluded); never nan or inf."""
+    left, right = ("(" if low_open else "["), (")" if high_open else "]")
+    if low == -math.inf and high == math.inf:
+        bounds = "a finite number"
+    elif high == math.inf and low == 0:
+        bounds = "a positive finite number" if low_open else "a finite number >= 0"
+    elif high == math.inf:
+        bounds = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        bounds = f"a number in {left}{low:g}, {high:g}{right}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (
+            math.isfinite(value)
+            and (value > low if low_open else value >= low)
+            and (value < high if high_open else value <= high)
+        )
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be {bounds}{what}, got {text.strip()}")
+        return value
+
+    parse.__name__ = "real"
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    return _checked(int, text, lambda v: v >= 0, "an integer >= 0")
-
-
-def finite_float(text: str) -> float:
-    """A finite number (no nan, no inf)."""
-    return _number(float, text)
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    return _checked(float, text, lambda v: v > 0, "a positive number")
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0."""
-    return _checked(float, text, lambda v: v >= 0, "a number >= 0")
+positive_int = integer(1)
+non_negative_int = integer(0)
+finite_float = real()
+positive_float = real(0.0, low_open=True)
+non_negative_float = real(0.0)
 
 
 def int_list(text: str) -> tuple:

@@ -13,8 +13,10 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Optional, Sequence
 
+from polycom_megatron.cli import DEBUG_VARIABLE
+from polycom_megatron.cli_types import OneLineErrorParser, integer, positive_int
 from polycom_megatron.data.build import DEFAULT_DATASET_NAME, build_indexed_dataset
 from polycom_megatron.data.check import stale_partial_note, verify_dataset
 from polycom_megatron.data.errors import DataError
@@ -28,44 +30,15 @@ from polycom_megatron.data.tokenizer import (
     train_tokenizer,
 )
 
-EXIT_DATA, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-# Set to see the traceback of an unexpected error (a bug) instead of its one-line summary.
-TRACEBACK_ENV = "POLYCOM_MEGATRON_TRACEBACK"
+EXIT_DATA, EXIT_INTERRUPTED = 1, 130
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line (the usage is one --help away)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def vocab_size_arg(text: str) -> int:
-    """An argparse type: a vocabulary size SentencePiece and Megatron can use."""
-    value = _int_arg(text)
-    if value < MIN_VOCAB_SIZE:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_VOCAB_SIZE}, got {value}")
-    if value >= 2**31:
-        raise argparse.ArgumentTypeError(f"must be below 2**31 (int32 token ids), got {value}")
-    return value
-
-
-def positive_int_arg(text: str) -> int:
-    value = _int_arg(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _int_arg(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+# A vocabulary SentencePiece can train and Megatron can index (int32 token ids).
+vocab_size_arg = integer(MIN_VOCAB_SIZE, 2**31 - 1)
 
 
 def build_parser(prog: str = "polycom-megatron data") -> argparse.ArgumentParser:
-    parser = OneLineParser(
+    parser = OneLineErrorParser(
         prog=prog,
         description="Prepare pretraining data: corpus, tokenizer, Megatron indexed dataset. "
         "Existing files are never replaced without --overwrite.",
@@ -80,7 +53,7 @@ def add_subparsers(subparsers: "argparse._SubParsersAction") -> None:
     pydoc = subparsers.add_parser("pydoc", help="write the offline pydoc corpus as JSONL",
                                   allow_abbrev=False)
     pydoc.add_argument("output", type=Path, help="JSONL file to write")
-    pydoc.add_argument("--max-docs", type=positive_int_arg, default=None,
+    pydoc.add_argument("--max-docs", type=positive_int, default=None,
                        help="keep only the first N topics")
     _add_overwrite(pydoc, "the output file")
     pydoc.set_defaults(func=_cmd_pydoc)
@@ -129,7 +102,7 @@ def add_subparsers(subparsers: "argparse._SubParsersAction") -> None:
                       help="JSONL or text files (default: the offline pydoc corpus)")
     prep.add_argument("--vocab-size", type=vocab_size_arg, default=DEFAULT_VOCAB_SIZE)
     prep.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
-    prep.add_argument("--max-docs", type=positive_int_arg, default=None,
+    prep.add_argument("--max-docs", type=positive_int, default=None,
                       help="pydoc corpus only: keep the first N topics")
     prep.add_argument("--name", default=DEFAULT_DATASET_NAME, help="dataset file name prefix")
     prep.add_argument("--quiet", action="store_true", help="no progress line")
@@ -218,10 +191,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_DATA
     except Exception as exc:  # a bug: still one line, unless asked for the traceback
-        if os.environ.get(TRACEBACK_ENV):
+        if os.environ.get(DEBUG_VARIABLE):
             traceback.print_exc()
         print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (a bug: please "
-              f"report it; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+              f"report it; {DEBUG_VARIABLE}=1 shows the traceback)", file=sys.stderr)
         return EXIT_DATA
 
 

@@ -22,13 +22,13 @@ from typing import Optional
 from polycom_megatron.config import PolyComConfig, add_polycom_args
 from polycom_megatron.data.cli import vocab_size_arg
 from polycom_megatron.data.tokenizer import DEFAULT_VOCAB_SIZE
-from polycom_megatron.training.arg_types import (
+from polycom_megatron.cli_types import (
     OneLineErrorParser,
     integer,
     non_negative_int,
-    non_negative_real,
+    non_negative_float,
     positive_int,
-    positive_real,
+    positive_float,
     real,
 )
 
@@ -294,8 +294,8 @@ def build_parser(prog: str = "polycom-megatron train-cpu") -> argparse.ArgumentP
     p.add_argument("--micro-batch", type=positive_int, default=d.micro_batch, help="sequences per micro-batch")
     p.add_argument("--global-batch", type=positive_int, default=d.global_batch,
                    help="sequences per optimizer step (micro-batch x DP x micro-batches)")
-    p.add_argument("--lr", type=positive_real, default=d.lr, help="peak learning rate")
-    p.add_argument("--min-lr", type=non_negative_real, default=None, help="cosine floor (default: lr / 10)")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
+    p.add_argument("--min-lr", type=non_negative_float, default=None, help="cosine floor (default: lr / 10)")
     p.add_argument("--lr-warmup-steps", type=non_negative_int, default=None,
                    help="linear warm-up (default: a tenth of the decay steps)")
     p.add_argument("--lr-decay-steps", type=positive_int, default=None,
@@ -304,8 +304,8 @@ def build_parser(prog: str = "polycom-megatron train-cpu") -> argparse.ArgumentP
                    "this to the final length")
     p.add_argument("--dropout", type=real(0.0, 1.0, high_open=True), default=d.dropout,
                    help="hidden and attention dropout (draws on the RNG a checkpoint restores)")
-    p.add_argument("--weight-decay", type=non_negative_real, default=d.weight_decay)
-    p.add_argument("--clip-grad", type=non_negative_real, default=d.clip_grad)
+    p.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay)
+    p.add_argument("--clip-grad", type=non_negative_float, default=d.clip_grad)
     p.add_argument("--seed", type=integer(0, 2**32 - 1), default=d.seed)
     p.add_argument("--log-interval", type=positive_int, default=d.log_interval, help="steps between log lines")
     p.add_argument("--save-interval", type=non_negative_int, default=d.save_interval,
@@ -323,7 +323,7 @@ def build_parser(prog: str = "polycom-megatron train-cpu") -> argparse.ArgumentP
     p.add_argument("--vocab-size", type=vocab_size_arg, default=None,
                    help="tokenizer vocabulary when train-cpu prepares the data (default: "
                    f"{DEFAULT_VOCAB_SIZE}); prepared data is used with its own")
-    p.add_argument("--timeout", type=positive_real, default=d.timeout_s,
+    p.add_argument("--timeout", type=positive_float, default=d.timeout_s,
                    help="seconds a collective may wait before the run is declared hung")
     add_polycom_args(p)
     # The CPU demo is about PolyCom: PolyNorm unless told otherwise ('none' = stock MLP).
