@@ -1,7 +1,7 @@
 """The ``polycom-megatron`` command: one entry point, one module per subcommand.
 
-Each subcommand is a module with ``main(argv) -> int``; this file only routes to it,
-so adding a subcommand never touches another one's code.
+Each subcommand is a module with ``main(argv) -> int`` (or names ``module:function``);
+this file only routes to it, so adding a subcommand never touches another one's code.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ SUBCOMMANDS = {
     "bench": ("polycom_megatron.bench.throughput", "tokens/s: PolyCom vs SwiGLU, layer and model"),
     "bench-kernels": ("polycom_megatron.bench.kernels", "fused-kernel timings vs references"),
     "patch": ("polycom_megatron.patching", "apply/check the Megatron-LM patches"),
+    "export-hf": ("polycom_megatron.hf.cli:export_main", "Megatron checkpoint -> transformers model"),
+    "import-hf": ("polycom_megatron.hf.cli:import_main", "transformers model -> Megatron checkpoint"),
+    "perplexity": ("polycom_megatron.hf.perplexity", "perplexity of an exported model on text/data"),
 }
 
 
@@ -35,8 +38,9 @@ def main(argv=None) -> int:
     if name not in SUBCOMMANDS:
         print(f"polycom-megatron: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, function or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

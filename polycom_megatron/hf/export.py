@@ -98,11 +98,14 @@ def hf_config(model: convert.MegatronModel) -> PolyComGPTConfig:
 def write_model_dir(weights: dict, hf: PolyComGPTConfig, output_dir: Path,
                     max_shard_size: str = "2GB") -> None:
     from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     from polycom_megatron.hf.modeling import PolyComGPTForCausalLM
 
+    hf_logging.disable_progress_bar()
     hf.auto_map = dict(AUTO_MAP)
     hf.architectures = ["PolyComGPTForCausalLM"]
+    hf.tokenizer_class = "LlamaTokenizer"
     with torch.device("meta"):
         model = PolyComGPTForCausalLM(hf)
     model.load_state_dict(weights, strict=False, assign=True)
@@ -254,7 +257,7 @@ def train_cpu_flags(hf, tp: int, pp: int, ep: int) -> Optional[list]:
 
 def _save_at_layout(model, staged, root, tp, pp, ep, train_state):
     """On TP x PP x EP ranks: load the staged weights, save a resumable checkpoint."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -264,8 +267,7 @@ def _save_at_layout(model, staged, root, tp, pp, ep, train_state):
     megatron_io.init_layout(tp, pp, ep)
     config = megatron_io.transformer_config(model, tp, pp, ep)
     gpt = megatron_io.build_model(model, config)
-    loaded = dist_checkpointing.load(gpt.sharded_state_dict(), str(staged))
-    gpt.load_state_dict(loaded)
+    megatron_io.load_weights(gpt, staged)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), gpt
     )

@@ -108,6 +108,9 @@ def _from_cpu_job(fields: dict) -> Tuple[MegatronModel, Path]:
     fields = {k: v for k, v in fields.items() if k in known}
     if fields.get("polycom") is not None:
         fields["polycom"] = PolyComConfig(**fields["polycom"])
+    for name in ("output_dir", "data"):
+        if fields.get(name) is not None:
+            fields[name] = Path(fields[name])
     job = CpuJob(**fields)
     config = cpu_train.transformer_config(job.replace(tp=1, pp=1, ep=1))
     model = MegatronModel(
@@ -221,10 +224,20 @@ def load_full_state(path: Path, model: MegatronModel) -> dict:
 
     init_layout()
     gpt = build_model(model, transformer_config(model))
-    loaded = dist_checkpointing.load(gpt.sharded_state_dict(), str(path))
-    gpt.load_state_dict(loaded)
+    load_weights(gpt, path)
     return {k: v.detach().clone() for k, v in gpt.state_dict().items()
             if not k.endswith("_extra_state")}
+
+
+def load_weights(gpt, path: Path) -> None:
+    """Load the model weights of a distributed checkpoint into ``gpt`` at its layout
+    (dist_checkpointing reshards); the checkpoint's other entries are not read."""
+    from megatron.core import dist_checkpointing
+
+    request = gpt.sharded_state_dict()
+    loaded = dist_checkpointing.load(request, str(path))
+    # The result also carries the checkpoint's common (non-sharded) entries.
+    gpt.load_state_dict({k: loaded[k] for k in request})
 
 
 def save_weights_tp1(state: dict, model: MegatronModel, path: Path) -> None:

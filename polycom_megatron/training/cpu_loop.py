@@ -111,6 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.describe(), flush=True)
+    from polycom_megatron.hf.after_training import export_and_sample
+
+    export_and_sample(job)
     return 0
 
 
