@@ -176,21 +176,25 @@ class PolyComMoE(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Megatron's RoPE: frequencies for the first ``head_dim * rotary_percent`` channels."""
+    """Megatron's RoPE: frequencies for the first ``head_dim * rotary_percent`` channels.
+
+    The frequencies are computed in every forward (a few dozen numbers) rather than kept
+    in a buffer: transformers builds models on the meta device before loading weights,
+    and a non-persistent buffer would not survive that."""
 
     def __init__(self, config: PolyComGPTConfig):
         super().__init__()
         dim = config.head_dim
         if config.rotary_percent < 1.0:
             dim = int(dim * config.rotary_percent)
-        inv_freq = 1.0 / (
-            config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-        )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim = dim
+        self.base = config.rope_theta
 
     def forward(self, position_ids: torch.Tensor):
         """[batch, seq] positions -> (cos, sin) of shape [batch, 1, seq, rot_dim], float32."""
-        freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq.float()
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device)
+        inv_freq = 1.0 / (self.base ** (exponents / self.dim))
+        freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return torch.cos(emb), torch.sin(emb)
 
