@@ -259,10 +259,10 @@ def _save_at_layout(model, staged, root, tp, pp, ep, train_state):
     """On TP x PP x EP ranks: load the staged weights, save a resumable checkpoint."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.optimizer import get_megatron_optimizer
 
-    from polycom_megatron.training import checkpoint
+    from polycom_megatron.training import checkpoint, cpu_train
+    from polycom_megatron.training.cpu_job import CpuJob
 
     megatron_io.init_layout(tp, pp, ep)
     config = megatron_io.transformer_config(model, tp, pp, ep)
@@ -271,15 +271,12 @@ def _save_at_layout(model, staged, root, tp, pp, ep, train_state):
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), gpt
     )
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-3, params_dtype=torch.float32), [ddp]
-    )
+    # train-cpu's optimizer and schedule at its defaults: a resumed run keeps both (Adam's
+    # hyperparameters and the LR schedule come from the checkpoint, as in Megatron).
+    defaults = CpuJob()
+    optimizer = get_megatron_optimizer(cpu_train._optimizer_config(defaults), [ddp])
     megatron_io.fresh_optimizer_state(optimizer)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=0, lr_decay_steps=1,
-        lr_decay_style="constant", start_wd=0.0, end_wd=0.0, wd_incr_steps=1,
-        wd_incr_style="constant",
-    )
+    scheduler = cpu_train._scheduler(defaults, optimizer)
     path = checkpoint.save_checkpoint(root, 0, gpt, optimizer, scheduler, train_state)
     parallel_state.destroy_model_parallel()
     return str(path)

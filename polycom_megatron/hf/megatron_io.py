@@ -254,15 +254,22 @@ def save_weights_tp1(state: dict, model: MegatronModel, path: Path) -> None:
     dist_checkpointing.save(gpt.sharded_state_dict(), str(path))
 
 
+# Megatron's optimizer checkpoint drops a step of 0 (``if step:`` in
+# FP32Optimizer.sharded_state_dict) and Adam then cannot load moments without a step, so
+# an imported checkpoint starts Adam at step 1 with zero moments: the first update after
+# a resume is 0.73x the size of a fresh Adam's first update, later ones are the same.
+IMPORTED_ADAM_STEP = 1.0
+
+
 def fresh_optimizer_state(optimizer) -> None:
-    """Create Adam's state as it is before the first step (zero moments, step 0), so a
-    checkpoint written before any training holds an optimizer state to resume from."""
+    """Create Adam's state for a checkpoint written before any training: zero moments at
+    step ``IMPORTED_ADAM_STEP``, so that ``train-cpu --resume`` has a state to load."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if getattr(opt, "init_state_fn", None) is None:
             continue
         opt.init_state_fn(opt.optimizer, opt.config)
         for state in opt.optimizer.state.values():
-            state.setdefault("step", torch.tensor(0.0))
+            state.setdefault("step", torch.tensor(IMPORTED_ADAM_STEP))
 
 
 def rank_env() -> Tuple[int, int]:
