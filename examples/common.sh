@@ -1,7 +1,8 @@
 # Shared launch logic for the example scripts; sourced, never run on its own.
 #
 # A model script sets its architecture (NAME, NUM_LAYERS, HIDDEN, NUM_HEADS, FFN_HIDDEN,
-# ACTIVATION, and for MoE NUM_EXPERTS, TOPK, MOE_FFN_HIDDEN), may set defaults for the knobs
+# ACTIVATION (polynorm, polyrelu, their gated forms polynorm-glu, polyrelu-glu, or swiglu),
+# and for MoE NUM_EXPERTS, TOPK, MOE_FFN_HIDDEN), may set defaults for the knobs
 # below, sources this file and calls `launch "$@"`. Every knob is an environment variable;
 # arguments after the script's own options are passed to Megatron unchanged.
 #
@@ -93,7 +94,7 @@ check_knobs() {
     one_of FP8_FORMAT "$FP8_FORMAT" hybrid e4m3
     one_of FP8_RECIPE "$FP8_RECIPE" delayed tensorwise blockwise mxfp8
     one_of RESUME "$RESUME" auto 0
-    one_of ACTIVATION "$ACTIVATION" polynorm polyrelu swiglu
+    one_of ACTIVATION "$ACTIVATION" polynorm polyrelu polynorm-glu polyrelu-glu swiglu
     if [[ "$MOCK_DATA" != 1 ]]; then
         [[ -n "$DATA_PATH" ]] || die "set DATA_PATH (Megatron --data-path prefix), or MOCK_DATA=1 for synthetic data"
         [[ -n "$TOKENIZER_MODEL" ]] || die "set TOKENIZER_MODEL (with TOKENIZER_TYPE=$TOKENIZER_TYPE), or MOCK_DATA=1"
@@ -130,7 +131,9 @@ megatron_args() {
     if [[ "$ACTIVATION" == swiglu ]]; then
         ARGS+=(--swiglu)
     else
-        ARGS+=(--polycom-activation "$ACTIVATION" --polycom-kernel "$POLYCOM_KERNEL")
+        # polynorm-glu: --polycom-activation polynorm --polycom-gated (PolyNorm(gate) * up).
+        ARGS+=(--polycom-activation "${ACTIVATION%-glu}" --polycom-kernel "$POLYCOM_KERNEL")
+        [[ "$ACTIVATION" == *-glu ]] && ARGS+=(--polycom-gated)
     fi
     if [[ -n "${NUM_EXPERTS:-}" ]]; then
         # Dropless: no --moe-expert-capacity-factor, so no token is ever dropped.

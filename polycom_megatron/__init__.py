@@ -1,4 +1,4 @@
-"""PolyCom activations (PolyNorm, PolyReLU) for Megatron-Core.
+"""PolyCom activations (PolyNorm, PolyReLU, and their gated forms) for Megatron-Core.
 
 Public API: the functional ops, the config, and the spec builders. The ops and the config
 import without megatron-core; the spec builders load it on first use.
@@ -7,7 +7,7 @@ import without megatron-core; the spec builders load it on first use.
 import importlib
 
 from polycom_megatron.config import PolyComConfig, add_polycom_args, matched_ffn_hidden_size
-from polycom_megatron.ops import polynorm, polyrelu
+from polycom_megatron.ops import polynorm, polynorm_glu, polyrelu, polyrelu_glu
 
 __version__ = "0.1.0"
 
@@ -18,7 +18,9 @@ __all__ = [
     "add_polycom_args",
     "matched_ffn_hidden_size",
     "polynorm",
+    "polynorm_glu",
     "polyrelu",
+    "polyrelu_glu",
     *_SPEC_BUILDERS,
 ]
 

@@ -21,8 +21,10 @@ KERNELS = ("auto", "torch", "compile", "triton")
 COEFF_MODES = ("layer", "expert")
 
 # The paper's matched-parameter rule: a SwiGLU FFN of width f has 3*h*f weights, a
-# non-gated FFN of width w has 2*h*w, so the same budget gives w = 1.5 f.
+# non-gated FFN of width w has 2*h*w, so the same budget gives w = 1.5 f. The gated form
+# (PolyNorm-GLU, ``PolyComConfig.gated``) has SwiGLU's three matrices: the same width.
 SWIGLU_TO_POLYCOM_WIDTH = 1.5
+SWIGLU_TO_GATED_POLYCOM_WIDTH = 1.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class PolyComConfig:
     eps: added to the mean of squares inside PolyNorm's normalisation.
     kernel: implementation choice, see ``KERNELS``.
     coeff_mode: MoE only, see ``COEFF_MODES``.
+    gated: the gated form, ``PolyCom(g) * u`` with ``[g, u] = fc1(x)`` (PolyNorm-GLU as
+        Motif trains it); it turns on Megatron's gated linear unit (fc1 twice as wide).
+    bias: learn the constant term a0 (the paper's form); off, as ``--pnglu`` trains it.
     """
 
     activation: str = "polynorm"
@@ -41,6 +46,8 @@ class PolyComConfig:
     eps: float = 1e-6
     kernel: str = "auto"
     coeff_mode: str = "layer"
+    gated: bool = False
+    bias: bool = True
 
     def __post_init__(self):
         _check_choice("activation", self.activation, ACTIVATIONS)
@@ -56,11 +63,29 @@ class PolyComConfig:
                 f"PolyCom eps must be a positive finite number, got {self.eps!r}; "
                 "set --polycom-eps (the paper uses 1e-6)."
             )
+        for name, flag in (("gated", "--polycom-gated"), ("bias", "--polycom-no-bias")):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PolyCom {name} must be True or False ({flag}), got "
+                                 f"{getattr(self, name)!r}")
+
+    @property
+    def name(self) -> str:
+        """What a log calls this activation: "polynorm", "polyrelu-glu", ..."""
+        return self.activation + ("-glu" if self.gated else "")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Optional["PolyComConfig"]:
         """The config named by parsed ``--polycom-*`` flags, or None when PolyCom is off."""
+        # getattr: argument namespaces written before these flags existed lack them.
+        gated = getattr(args, "polycom_gated", False)
+        bias = getattr(args, "polycom_bias", True)
         if getattr(args, "polycom_activation", None) in (None, "none"):
+            if gated or not bias:
+                flag = "--polycom-gated" if gated else "--polycom-no-bias"
+                raise ValueError(
+                    f"{flag} needs a PolyCom activation: add --polycom-activation polynorm "
+                    "(or polyrelu)."
+                )
             return None
         return cls(
             activation=args.polycom_activation,
@@ -68,10 +93,20 @@ class PolyComConfig:
             eps=args.polycom_eps,
             kernel=args.polycom_kernel,
             coeff_mode=args.polycom_coeff_mode,
+            gated=gated,
+            bias=bias,
         )
 
     def replace(self, **changes) -> "PolyComConfig":
         return dataclasses.replace(self, **changes)
+
+
+def set_transformer_config(config, polycom: PolyComConfig) -> None:
+    """Set what a PolyCom activation needs in a Megatron ``TransformerConfig`` built from
+    Megatron-LM's flags: no bias-activation fusion (it only fuses Megatron's GELU/SwiGLU),
+    and the gated linear unit (fc1 as ``[gate, up]``) on exactly for the gated form."""
+    config.bias_activation_fusion = False
+    config.gated_linear_unit = polycom.gated
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -82,19 +117,27 @@ def _check_choice(name: str, value, choices) -> None:
         )
 
 
-def matched_ffn_hidden_size(swiglu_ffn_hidden_size: int, multiple_of: int = 1) -> int:
-    """PolyCom FFN width with the parameter count of a SwiGLU FFN of the given width.
+def matched_ffn_hidden_size(
+    swiglu_ffn_hidden_size: int, multiple_of: int = 1, gated: bool = False
+) -> int:
+    """PolyCom FFN width with the parameter count of a SwiGLU FFN of the given width:
+    1.5x for the paper's non-gated form, the same width for the gated form (``gated``).
 
     ``multiple_of`` rounds up, e.g. to the tensor-parallel size times 8 for tidy GEMMs.
     """
     if swiglu_ffn_hidden_size < 1 or multiple_of < 1:
         raise ValueError("ffn hidden size and multiple_of must be positive integers")
-    width = math.ceil(swiglu_ffn_hidden_size * SWIGLU_TO_POLYCOM_WIDTH)
+    ratio = SWIGLU_TO_GATED_POLYCOM_WIDTH if gated else SWIGLU_TO_POLYCOM_WIDTH
+    width = math.ceil(swiglu_ffn_hidden_size * ratio)
     return -(-width // multiple_of) * multiple_of
 
 
-def gated_unit_conflict(flag: str, activation: str, ffn_hidden_size: Optional[int] = None) -> str:
+def gated_unit_conflict(
+    flag: str, activation: str, ffn_hidden_size: Optional[int] = None, gated: bool = False
+) -> str:
     """The error for a gated-unit flag (--swiglu, --quick-geglu) combined with PolyCom."""
+    if gated:
+        return gated_form_conflict(flag, activation)
     width = (
         f"--ffn-hidden-size {matched_ffn_hidden_size(ffn_hidden_size)} (1.5x {ffn_hidden_size})"
         if ffn_hidden_size
@@ -102,7 +145,17 @@ def gated_unit_conflict(flag: str, activation: str, ffn_hidden_size: Optional[in
     )
     return (
         f"{flag} cannot be combined with --polycom-activation {activation}: PolyCom replaces "
-        f"the gated linear unit. Drop {flag} and use {width} for the same parameter count."
+        f"the gated linear unit. Drop {flag} and use {width} for the same parameter count "
+        f"(or add --polycom-gated for the gated form at {flag}'s width)."
+    )
+
+
+def gated_form_conflict(flag: str, activation: str) -> str:
+    """The error for a gated-unit flag combined with the gated PolyCom form."""
+    return (
+        f"{flag} cannot be combined with --polycom-activation {activation} --polycom-gated: "
+        f"both choose the gate's activation. Drop {flag}; --polycom-gated sets Megatron's "
+        "gated linear unit itself, at SwiGLU's --ffn-hidden-size."
     )
 
 
@@ -118,7 +171,8 @@ def add_polycom_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         choices=("none",) + ACTIVATIONS,
         default="none",
         help="Replace the MLP activation with PolyNorm or PolyReLU (default 'none' keeps Megatron's). "
-        "Turn off --swiglu and use a 1.5x --ffn-hidden-size for matched parameters.",
+        "Turn off --swiglu and use a 1.5x --ffn-hidden-size for matched parameters, or add "
+        "--polycom-gated for the gated form at SwiGLU's width.",
     )
     group.add_argument(
         "--polycom-order", type=int, default=defaults.order, help="Highest power r (default: %(default)s)."
@@ -137,5 +191,20 @@ def add_polycom_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         choices=COEFF_MODES,
         default=defaults.coeff_mode,
         help="MoE: one coefficient set per layer (shared by experts) or one per expert (default: %(default)s).",
+    )
+    group.add_argument(
+        "--polycom-gated",
+        action="store_true",
+        default=defaults.gated,
+        help="Gated form (PolyNorm-GLU): PolyCom(gate) * up, with Megatron's gated linear unit "
+        "turned on by this flag (do not add --swiglu). Same parameters as SwiGLU at the same "
+        "--ffn-hidden-size.",
+    )
+    group.add_argument(
+        "--polycom-no-bias",
+        dest="polycom_bias",
+        action="store_false",
+        default=defaults.bias,
+        help="Drop the constant term a0 (kept by default, as in the paper).",
     )
     return parser

@@ -19,7 +19,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from polycom_megatron.config import PolyComConfig, add_polycom_args, gated_unit_conflict
+from polycom_megatron.config import (
+    PolyComConfig,
+    add_polycom_args,
+    gated_unit_conflict,
+    set_transformer_config,
+)
 
 # megatron-core (major, minor) -> the Megatron-LM tag its patch was generated against.
 # Patch releases of one minor version share a patch (see patches/README.md).
@@ -302,15 +307,23 @@ def _escape_bad_help_strings(parser) -> None:
 def polycom_layer_spec(spec, args, config):
     """The GPT layer/block spec ``gpt_builder`` built, on PolyCom when the flags ask for it.
 
-    Also switches off bias-activation fusion in ``config``: Megatron turns it on by default
-    when linear biases are on, and it only fuses Megatron's own GELU/SwiGLU.
+    Also sets what PolyCom needs in ``config`` (``config.set_transformer_config``):
+    bias-activation fusion off (Megatron turns it on by default when linear biases are on),
+    and the gated linear unit for ``--polycom-gated``.
     """
-    polycom = PolyComConfig.from_args(args)
+    polycom = _polycom_from_args(args)
     if polycom is None:
         return spec
     check_args(args)
-    config.bias_activation_fusion = False
+    set_transformer_config(config, polycom)
     return _convert(spec, polycom)
+
+
+def _polycom_from_args(args):
+    try:
+        return PolyComConfig.from_args(args)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def polycom_model_config(model_cfg, args) -> None:
@@ -319,11 +332,11 @@ def polycom_model_config(model_cfg, args) -> None:
     The model is built later, from the config, per pipeline/virtual stage, so the layer
     spec becomes a builder that resolves what Megatron would have used and converts it.
     """
-    polycom = PolyComConfig.from_args(args)
+    polycom = _polycom_from_args(args)
     if polycom is None:
         return
     check_args(args)
-    model_cfg.transformer.bias_activation_fusion = False
+    set_transformer_config(model_cfg.transformer, polycom)
     base = model_cfg.transformer_layer_spec
 
     def layer_spec(cfg, vp_stage=None):
@@ -337,7 +350,8 @@ def check_args(args) -> None:
     if getattr(args, "swiglu", False) or getattr(args, "quick_geglu", False):
         flag = "--swiglu" if getattr(args, "swiglu", False) else "--quick-geglu"
         raise SystemExit(gated_unit_conflict(
-            flag, args.polycom_activation, getattr(args, "ffn_hidden_size", None)))
+            flag, args.polycom_activation, getattr(args, "ffn_hidden_size", None),
+            gated=getattr(args, "polycom_gated", False)))
     if getattr(args, "squared_relu", False):
         raise SystemExit(
             f"--squared-relu and --polycom-activation {args.polycom_activation} both choose "
@@ -381,7 +395,7 @@ def _convert(spec, polycom):
         raise SystemExit(f"--polycom-activation {polycom.activation}: {exc}") from None
     if not dist.is_initialized() or dist.get_rank() == 0:
         # So that a training log says the patch took effect.
-        print(f"polycom-megatron: {polycom.activation} (order {polycom.order}) in place of "
+        print(f"polycom-megatron: {polycom.name} (order {polycom.order}) in place of "
               f"{', '.join(stock_mlps(spec)) or 'no MLP'}", flush=True)
     return converted
 

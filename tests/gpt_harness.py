@@ -9,6 +9,7 @@ the same batch, then compare what this returns.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Optional
 
 import torch
@@ -29,7 +30,8 @@ class Layout:
     pp: int = 1
 
     def __str__(self):
-        return f"tp{self.tp}{'-sp' if self.sp else ''}-ep{self.ep}-etp{self.etp or self.tp}"
+        text = f"tp{self.tp}{'-sp' if self.sp else ''}-ep{self.ep}-etp{self.etp or self.tp}"
+        return text + (f"-pp{self.pp}" if self.pp > 1 else "")
 
 
 def init_parallel(layout: Layout, seed: int = SEED) -> None:
@@ -88,9 +90,11 @@ def build(layout: Layout, polycom, seed: int = SEED, **config_overrides):
     from polycom_megatron.model import build_gpt_model
 
     init_parallel(layout, seed)
-    config = transformer_config(layout, **config_overrides)
+    config = transformer_config(layout, **{**gated_unit(polycom), **config_overrides})
     torch.manual_seed(seed)
     model = build_gpt_model(config, polycom, vocab_size=VOCAB, max_sequence_length=SEQ)
+    if config.gated_linear_unit:
+        same_glu_fc1_at_every_tp_size(model, seed)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
     )
@@ -99,6 +103,34 @@ def build(layout: Layout, polycom, seed: int = SEED, **config_overrides):
         [ddp],
     )
     return config, ddp, optimizer
+
+
+def gated_unit(polycom) -> dict:
+    """The TransformerConfig setting the gated PolyCom form needs (the launchers set it)."""
+    return dict(gated_linear_unit=polycom is not None and polycom.gated)
+
+
+def is_glu_fc1(name: str, config) -> bool:
+    """A gated fc1 parameter: each TP rank holds ``[gate shard; up shard]``."""
+    return config.gated_linear_unit and ".linear_fc1." in name
+
+
+@torch.no_grad()
+def same_glu_fc1_at_every_tp_size(model, seed: int) -> None:
+    """Draw each gated fc1 weight whole (``[gate; up]``) and keep this TP rank's gate and
+    up shards. megatron-core 0.16+ initialises it so itself (fc1 stride 2); 0.15 splits
+    the whole matrix into contiguous TP blocks, a different model at each TP size."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, param in model.named_parameters():
+        if not (is_glu_fc1(name, model.config) and name.endswith("weight")):
+            continue
+        rows = param.shape[0] // 2
+        g = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+        full = torch.randn(2, rows * tp, *param.shape[1:], generator=g) * model.config.init_method_std
+        param.copy_(full[:, rank * rows : (rank + 1) * rows].reshape(param.shape))
 
 
 def train_step(ddp, optimizer, config, seed: int = SEED):
@@ -116,8 +148,9 @@ def train_step(ddp, optimizer, config, seed: int = SEED):
     return loss.detach(), grad_norm
 
 
-def gather_full(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-    """A TP-sharded tensor gathered back to full shape (replicated ones as they are)."""
+def gather_full(param: torch.Tensor, tensor: torch.Tensor, glu: bool = False) -> torch.Tensor:
+    """A TP-sharded tensor gathered back to full shape (replicated ones as they are);
+    ``glu``: a gated fc1, whose shards are ``[gate_i; up_i]``, gathered to ``[gate; up]``."""
     from megatron.core import parallel_state
 
     if not getattr(param, "tensor_model_parallel", False):
@@ -130,6 +163,9 @@ def gather_full(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     )
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.detach().contiguous(), group=group)
+    if glu:
+        halves = [part.chunk(2, dim=param.partition_dim) for part in parts]
+        parts = [half[0] for half in halves] + [half[1] for half in halves]
     return torch.cat(parts, dim=param.partition_dim)
 
 
@@ -138,7 +174,7 @@ def snapshot(ddp, what: str) -> dict:
     out = {}
     for name, param in ddp.module.named_parameters():
         tensor = param.main_grad if what == "grad" else param.data
-        out[name] = gather_full(param, tensor)
+        out[name] = gather_full(param, tensor, glu=is_glu_fc1(name, ddp.module.config))
     return out
 
 

@@ -65,15 +65,31 @@ def build(layout: h.Layout, polycom, salt: str = "", **overrides):
 
     from polycom_megatron.model import build_gpt_model
 
+    from megatron.core import parallel_state
+
     init_parallel(layout)
-    config = h.transformer_config(layout, **{**MOE, **overrides})
-    model = build_gpt_model(config, polycom, vocab_size=h.VOCAB, max_sequence_length=h.SEQ)
+    staged = {}
+    if layout.pp > 1:
+        # Each stage builds its own layers; activations cross stages in fp32.
+        overrides = dict(pipeline_dtype=torch.float32, **overrides)
+        staged = dict(
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+    config = h.transformer_config(layout, **{**MOE, **h.gated_unit(polycom), **overrides})
+    model = build_gpt_model(
+        config, polycom, vocab_size=h.VOCAB, max_sequence_length=h.SEQ, **staged
+    )
     set_weights_by_key(model, salt)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
     )
+    # Adam's eps: with the default 1e-8, a gradient of ~1e-8 (there are some in attention)
+    # moves its weight by lr * g / (|g| + eps), so its fp32 round-off between layouts
+    # (~5e-10) became 4% of a step; at 1e-6 the same round-off is 1e-8 of the weight.
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, clip_grad=1e9), [ddp]
+        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, clip_grad=1e9, adam_eps=1e-6),
+        [ddp],
     )
     return config, ddp, optimizer
 
@@ -87,11 +103,47 @@ def train_step(ddp, optimizer, step: int = 0):
     tokens, position_ids, mask, labels = h.batch(h.SEED + 2 * step + dp_rank % 2)
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    loss = ddp(tokens, position_ids, mask, labels=labels).float().mean()
-    loss.backward()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        loss = _pipeline_forward_backward(ddp, (tokens, position_ids, mask, labels))
+    else:
+        loss = ddp(tokens, position_ids, mask, labels=labels).float().mean()
+        loss.backward()
     finalize_model_grads([ddp])
     _, grad_norm, _ = optimizer.step()
     return loss.detach(), torch.tensor(float(grad_norm))
+
+
+def _pipeline_forward_backward(ddp, batch) -> torch.Tensor:
+    """One micro-batch through Megatron's pipeline schedule; the loss of the last stage,
+    given to every stage."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tokens, position_ids, mask, labels = batch
+
+    def forward_step(data_iterator, model):
+        output = model(tokens, position_ids, mask, labels=labels)
+
+        def loss_func(per_token):
+            loss = per_token.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([None]),
+        model=[ddp],
+        num_microbatches=1,
+        seq_length=h.SEQ,
+        micro_batch_size=h.BATCH,
+        forward_only=False,
+    )
+    loss = torch.zeros(())
+    if parallel_state.is_pipeline_last_stage():
+        loss = reports[0]["loss"].float()
+    dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
+    return loss
 
 
 def run_layout(layout: h.Layout, polycom, steps: int = 2, **overrides) -> dict:

@@ -51,11 +51,14 @@ def megatron_args(argv):
 
 
 @pytest.mark.parametrize(
-    "script, activation, ffn",
-    [("dense_1b_polynorm.sh", "polynorm", "8256"), ("dense_1b_polyrelu.sh", "polyrelu", "8256"),
-     ("dense_1b_swiglu.sh", None, "5504")],
+    "script, activation, ffn, gated",
+    [("dense_1b_polynorm.sh", "polynorm", "8256", False),
+     ("dense_1b_polyrelu.sh", "polyrelu", "8256", False),
+     # The gated form keeps its SwiGLU twin's width (same parameter count).
+     ("dense_1b_polynorm_glu.sh", "polynorm", "5504", True),
+     ("dense_1b_swiglu.sh", None, "5504", False)],
 )
-def test_dense_dry_run_resolves_the_reference_config(script, activation, ffn):
+def test_dense_dry_run_resolves_the_reference_config(script, activation, ffn, gated):
     code, out, err = run(script, "--dry-run", "--seed", "7")
     assert code == 0, err
     argv = command(out)
@@ -77,15 +80,18 @@ def test_dense_dry_run_resolves_the_reference_config(script, activation, ffn):
         assert value(args, "--polycom-activation") == activation and "--swiglu" not in args
     else:
         assert "--swiglu" in args and "--polycom-activation" not in args
+    assert ("--polycom-gated" in args) == gated
     assert args[-2:] == ["--seed", "7"]  # extra arguments reach Megatron last
     assert "layout ok: DP=16" in out
 
 
 @pytest.mark.parametrize(
-    "script, expert_ffn, polycom",
-    [("moe_1b7b_polynorm.sh", "1536", True), ("moe_1b7b_swiglu.sh", "1024", False)],
+    "script, expert_ffn, polycom, gated",
+    [("moe_1b7b_polynorm.sh", "1536", True, False),
+     ("moe_1b7b_polynorm_glu.sh", "1024", True, True),
+     ("moe_1b7b_swiglu.sh", "1024", False, False)],
 )
-def test_moe_dry_run_resolves_the_reference_config(script, expert_ffn, polycom):
+def test_moe_dry_run_resolves_the_reference_config(script, expert_ffn, polycom, gated):
     code, out, err = run(script, "--dry-run")
     assert code == 0, err
     args = megatron_args(command(out))
@@ -99,6 +105,7 @@ def test_moe_dry_run_resolves_the_reference_config(script, expert_ffn, polycom):
         assert value(args, flag) == expected
     assert "--moe-expert-capacity-factor" not in args  # dropless
     assert ("--polycom-activation" in args) == polycom and ("--swiglu" in args) != polycom
+    assert ("--polycom-gated" in args) == gated
     assert "expert-DP=2" in out
 
 

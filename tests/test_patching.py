@@ -11,6 +11,7 @@ POLYCOM_MEGATRON_LM_TREES to a folder of Megatron-LM checkouts to repeat that he
 import argparse
 import dataclasses
 import functools
+import os
 import re
 import shutil
 from pathlib import Path
@@ -231,6 +232,53 @@ def test_real_release_trees(tmp_path):
             assert flag in shown.stdout, (tree, flag)
 
 
+def _patched_copy(tree: Path, root: Path) -> Path:
+    """A patched copy of ``tree``: the patched files copied, everything else linked."""
+    copy = root / tree.name
+    copy.mkdir()
+    key = patching.resolve(tree)
+    patched = set(patching.patched_files(patching.patch_path(key)))
+    for entry in tree.iterdir():
+        if entry.name in patched:
+            shutil.copy(entry, copy / entry.name)
+        else:
+            (copy / entry.name).symlink_to(entry)
+    patching.apply(copy)
+    return copy
+
+
+# Layer 0 dense, layer 1 MoE (4 experts top-2, a shared expert), one rank: PolyComMLP,
+# the per-expert loop and the shared expert, all through Megatron-LM's own pretrain().
+SMOKE_GATED = [
+    "--polycom-activation", "polynorm", "--polycom-gated", "--num-experts", "4",
+    "--moe-layer-freq", "[0,1]", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "96",
+    "--moe-shared-expert-intermediate-size", "64", "--moe-token-dispatcher-type", "allgather",
+]
+SMOKE_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.Ee+-]+)")
+
+
+@megatron_lm.needs_trees
+def test_patched_trees_train_the_gated_form(tmp_path, monkeypatch):
+    """Each release's patched pretrain_gpt.py (run by patches/smoke_cpu.py, Megatron-LM's
+    own loop on mock data) trains PolyNorm-GLU dense and MoE layers for 4 iterations."""
+    import math
+    import sys
+
+    # Megatron builds its dataset helpers with the python3 on PATH.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    smoke = Path(__file__).resolve().parents[1] / "patches" / "smoke_cpu.py"
+    for tree in megatron_lm.trees():
+        copy = _patched_copy(tree, tmp_path)
+        done = megatron_lm.run_python(copy, [smoke, *SMOKE_GATED], cwd=copy)
+        assert done.returncode == 0, (tree, done.stdout[-3000:], done.stderr[-3000:])
+        hook = re.search(r"polycom-megatron: polynorm-glu \(order 3\) in place of (.*)", done.stdout)
+        assert hook and "MLP, SequentialMLP" in hook.group(1), (tree, done.stdout[-3000:])
+        losses = {int(i): float(v) for i, v in SMOKE_LOSS.findall(done.stdout)}
+        assert sorted(losses) == [1, 2, 3, 4], (tree, losses)
+        # Mock tokens are near uniform over 4096 ids: the loss stays near ln(4096) = 8.32.
+        assert all(abs(v - math.log(4096)) < 0.5 for v in losses.values()), (tree, losses)
+
+
 # --- the hooks, with the installed megatron-core ----------------------------------------
 
 
@@ -308,6 +356,23 @@ def test_layer_spec_hook_converts_the_mlp_and_turns_off_bias_fusion():
     assert config.bias_activation_fusion is False
 
 
+def test_layer_spec_hook_sets_the_gated_unit_of_the_gated_form():
+    spec = local_layer_spec()
+    for flags, gated in (((), False), (("--polycom-gated",), True)):
+        config = transformer_config(gated_linear_unit=not gated)
+        converted = patching.polycom_layer_spec(
+            spec, megatron_args("--polycom-activation", "polynorm", *flags), config)
+        polycom = converted.submodules.mlp.submodules.activation_func.keywords["polycom"]
+        assert (polycom.gated, config.gated_linear_unit) == (gated, gated)
+        assert config.bias_activation_fusion is False
+    args = megatron_args("--polycom-activation", "polynorm", "--polycom-gated")
+    args.swiglu = True
+    with pytest.raises(SystemExit, match="--polycom-gated: both choose the gate's activation"):
+        patching.polycom_layer_spec(spec, args, transformer_config())
+    with pytest.raises(SystemExit, match="--polycom-gated needs a PolyCom activation"):
+        patching.polycom_layer_spec(spec, megatron_args("--polycom-gated"), transformer_config())
+
+
 @pytest.mark.parametrize(
     "flag, message",
     [("swiglu", "Drop --swiglu and use --ffn-hidden-size 288 (1.5x 192)"),
@@ -361,3 +426,7 @@ def test_model_config_hook_for_megatron_lm_019():
     fixed = SimpleNamespace(transformer=transformer_config(), transformer_layer_spec=local_layer_spec())
     patching.polycom_model_config(fixed, megatron_args("--polycom-activation", "polynorm"))
     assert fixed.transformer_layer_spec(fixed).submodules.mlp.module is PolyComMLP
+
+    gated = SimpleNamespace(transformer=transformer_config(), transformer_layer_spec=local_layer_spec())
+    patching.polycom_model_config(gated, megatron_args("--polycom-activation", "polynorm", "--polycom-gated"))
+    assert gated.transformer.gated_linear_unit is True

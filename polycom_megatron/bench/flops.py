@@ -17,6 +17,8 @@ Conventions (printed by the benchmark and stored in its JSON):
     PolyReLU 2r+1  relu, then Horner's rule: r multiplies and r adds       (7 for r = 3)
     PolyNorm 5r-1  r-1 multiplies for the powers; per power a square and an add for its
                    mean of squares, a multiply by (a_p / rms_p) and an accumulate   (14 for r = 3)
+    PolyReLU-GLU, PolyNorm-GLU: the activation of the gate, plus 1 for times the up half
+                   (8 and 15 for r = 3); gated like SwiGLU (fc1 doubled)
   Per-row work (PolyNorm's r square roots per token) is negligible and not counted.
 - Not counted: norms, softmax, rotary embeddings, residual adds, dropout, the loss, the MoE
   permutation and the probability weighting. These are small next to the GEMMs.
@@ -31,8 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional
 
-ACTIVATIONS = ("swiglu", "gelu", "polyrelu", "polynorm")
-GATED = ("swiglu",)
+ACTIVATIONS = ("swiglu", "gelu", "polyrelu", "polynorm", "polyrelu-glu", "polynorm-glu")
+GATED = ("swiglu", "polyrelu-glu", "polynorm-glu")
 TRAINING_MULTIPLIER = 3  # forward + backward (2 x forward)
 
 
@@ -40,6 +42,8 @@ def activation_flops_per_element(activation: str, order: int = 3) -> int:
     """Forward FLOPs per output element of the activation (see the module docstring)."""
     if activation in ("swiglu", "gelu"):
         return 5
+    if activation in ("polyrelu-glu", "polynorm-glu"):
+        return activation_flops_per_element(activation[: -len("-glu")], order) + 1
     if activation == "polyrelu":
         return 2 * order + 1
     if activation == "polynorm":

@@ -1,8 +1,10 @@
-"""Kernel benchmark: PolyNorm / PolyReLU forward, backward and forward+backward.
+"""Kernel benchmark: PolyNorm / PolyReLU and their gated forms, forward, backward and
+forward+backward.
 
     python -m polycom_megatron.bench.kernels [--rows 2048,8192,16384]
         [--cols 1536,5504,8192,8256,16384,32768] [--dtype bf16] [--order 3]
-        [--ops polynorm,polyrelu] [--impls naive,torch,compile,triton,liger]
+        [--ops polynorm,polyrelu,polynorm_glu,polyrelu_glu]
+        [--impls naive,torch,compile,triton,liger,swiglu,swiglu-compile,swiglu-megatron,swiglu-liger]
         [--reps 100] [--warmup 10] [--json out.json]
 
 Implementations:
@@ -13,9 +15,17 @@ Implementations:
 - triton:  our autograd Function with the Triton kernel set;
 - liger:   Liger-Kernel's PolyNorm (order 3 only; no PolyReLU there), when importable.
 
+The gated ops (``polynorm_glu``, ``polyrelu_glu``: PolyNorm(g) * u, PolyReLU(g) * u) take
+fc1's output ``[rows, 2 * cols]``: ``--cols`` is the FFN hidden size n, as for SwiGLU at
+the same width. Beside them run SwiGLU's own activations on the same input (``swiglu*``,
+see ``polycom_megatron.bench.glu_baselines``: eager, compiled, Megatron-Core's fused
+``bias_swiglu_impl``, Liger's), and every gated row reports its speedup over the fastest
+SwiGLU baseline of the same pass.
+
 Every shape first times a device-to-device copy of the same tensor; each timing is then
 reported as achieved bandwidth over the minimum bytes the pass must move (forward: read
-x, write y; backward: read x and dy, write dx; forward+backward: both) and as a fraction
+x, write y; backward: read x and dy, write dx; forward+backward: both; for the gated ops
+x and dx are twice as wide as y and dy) and as a fraction
 of that copy bandwidth, plus the speedup over Liger where Liger ran. Each entry also
 records the largest error of its output and input gradient against ``naive``.
 
@@ -23,7 +33,7 @@ On CUDA the times are medians of CUDA-event timings (after warmup, with L2 flush
 every repetition). On CPU it falls back to wall-clock with small shapes and few reps, which
 only checks that everything runs (Triton needs TRITON_INTERPRET=1 there, set here when
 Triton is not imported yet). Launch tunables of the Triton kernels can be swept with the
-POLYCOM_TRITON_* environment variables (see ``polycom_megatron.ops.polynorm_triton``).
+POLYCOM_TRITON_* environment variables (see ``polycom_megatron.ops.triton_common``).
 """
 
 from __future__ import annotations
@@ -41,9 +51,16 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from polycom_megatron.bench import parse_choices
+from polycom_megatron.bench.glu_baselines import (
+    SWIGLU_IMPLS,
+    compiled_swiglu,
+    swiglu_baseline,
+    swiglu_eager,
+)
 
-OPS = ("polynorm", "polyrelu")
-IMPLS = ("naive", "torch", "compile", "triton", "liger")
+GATED_OPS = ("polynorm_glu", "polyrelu_glu")
+OPS = ("polynorm", "polyrelu") + GATED_OPS
+IMPLS = ("naive", "torch", "compile", "triton", "liger") + SWIGLU_IMPLS
 PASSES = ("fwd", "bwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_ROWS = (2048, 8192, 16384)
@@ -56,7 +73,8 @@ L2_FLUSH_BYTES = 256 << 20
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m polycom_megatron.bench.kernels",
-        description="Time PolyNorm/PolyReLU kernels against a device copy and Liger-Kernel.",
+        description="Time PolyNorm/PolyReLU kernels (plain and gated) against a device copy, "
+        "Liger-Kernel and SwiGLU's fused activation.",
     )
     p.add_argument("--rows", help=f"comma list (default {','.join(map(str, DEFAULT_ROWS))}; "
                    f"{CPU_ROWS[0]} on CPU)")
@@ -123,6 +141,14 @@ class Timer:
 # --------------------------------------------------------------------------- implementations
 
 
+def _interpret_triton_on_cpu() -> None:
+    """Select Triton's interpreter unless Triton is imported already: Triton reads
+    TRITON_INTERPRET when a @jit function is defined, its own (tl.sum, ...) included, so
+    this must run before anything (the environment report, Megatron-Core) imports it."""
+    if "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def _prepare_triton(device: torch.device) -> Optional[str]:
     """None if the Triton kernels can run here, else why not."""
     try:
@@ -133,8 +159,7 @@ def _prepare_triton(device: torch.device) -> Optional[str]:
     except Exception as e:  # pragma: no cover
         return f"triton lookup failed: {e}"
     if device.type != "cuda":
-        if "polycom_megatron.ops.polynorm_triton" not in sys.modules:
-            os.environ.setdefault("TRITON_INTERPRET", "1")
+        _interpret_triton_on_cpu()
         from polycom_megatron.ops import polynorm_triton
 
         if not polynorm_triton.interpreted():
@@ -168,29 +193,51 @@ def _liger_polynorm(order: int, device: torch.device):
     return fn, None
 
 
-def implementations(op: str, impls, order: int, device: torch.device):
-    """{impl: fn(x, weight, bias)} and {impl: reason} for those that cannot run."""
-    from polycom_megatron.ops import polynorm, polynorm_reference, polyrelu, polyrelu_reference
+def _op_functions(op: str):
+    """(reference formula, our op) for an op name, both as fn(x, weight, bias)."""
+    from polycom_megatron import ops
 
+    ref, ours = getattr(ops, f"{op}_reference"), getattr(ops, op)
+    if op.startswith("polynorm"):  # the PolyNorm forms take eps
+        return (lambda x, w, b: ref(x, w, b, EPS)), (
+            lambda x, w, b, kernel: ours(x, w, b, EPS, kernel=kernel)
+        )
+    return ref, (lambda x, w, b, kernel: ours(x, w, b, kernel=kernel))
+
+
+def implementations(op: str, impls, order: int, device: torch.device):
+    """{impl: fn(x, weight, bias)} and {impl: reason} for those that cannot run.
+
+    SwiGLU baselines (gated ops only) are fn(x)."""
     fns: Dict[str, Callable] = {}
     skipped: Dict[str, str] = {}
-    ref = polynorm_reference if op == "polynorm" else polyrelu_reference
+    ref, ours = _op_functions(op)
     for impl in impls:
-        if impl == "naive":
-            fns[impl] = (lambda x, w, b: ref(x, w, b, EPS)) if op == "polynorm" else ref
+        if impl in SWIGLU_IMPLS:
+            if op not in GATED_OPS:
+                skipped[impl] = "SwiGLU baselines run beside the gated ops (" + \
+                    ", ".join(GATED_OPS) + ")"
+                continue
+            fn, why = swiglu_baseline(impl, device)
+            if fn is None:
+                skipped[impl] = why
+            else:
+                fns[impl] = fn
+        elif impl == "naive":
+            fns[impl] = ref
         elif impl in ("torch", "triton"):
             if impl == "triton":
                 why = _prepare_triton(device)
                 if why:
                     skipped[impl] = why
                     continue
-            if op == "polynorm":
-                fns[impl] = lambda x, w, b, k=impl: polynorm(x, w, b, EPS, kernel=k)
-            else:
-                fns[impl] = lambda x, w, b, k=impl: polyrelu(x, w, b, kernel=k)
+            fns[impl] = lambda x, w, b, k=impl: ours(x, w, b, k)
         elif impl == "compile":
             fns[impl] = "compile"  # built per shape, after torch._dynamo.reset()
         elif impl == "liger":
+            if op in GATED_OPS:
+                skipped[impl] = "Liger-Kernel has no gated PolyCom; its SwiGLU is swiglu-liger"
+                continue
             if op != "polynorm":
                 skipped[impl] = "Liger-Kernel has no PolyReLU"
                 continue
@@ -203,13 +250,13 @@ def implementations(op: str, impls, order: int, device: torch.device):
 
 
 def _compiled(op: str):
-    from polycom_megatron.ops import polynorm_reference, polyrelu_reference
+    from polycom_megatron import ops
 
     torch._dynamo.reset()  # one graph per shape; no recompile limit across shapes
-    if op == "polynorm":
-        compiled = torch.compile(polynorm_reference)
+    compiled = torch.compile(getattr(ops, f"{op}_reference"))
+    if op.startswith("polynorm"):
         return lambda x, w, b: compiled(x, w, b, EPS)
-    return torch.compile(polyrelu_reference)
+    return compiled
 
 
 # --------------------------------------------------------------------------- measurement
@@ -222,9 +269,10 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure_shape(op, rows, cols, dtype, order, fns, timer, device, results, skipped, log):
     elem = torch.empty((), dtype=dtype).element_size()
-    numel = rows * cols
+    gated = op in GATED_OPS
+    numel = rows * cols  # of y (and dy); x is twice as wide for the gated ops
     gen = torch.Generator(device="cpu").manual_seed(rows * 7 + cols)
-    x0 = torch.randn(rows, cols, generator=gen).to(device, dtype)
+    x0 = torch.randn(rows, 2 * cols if gated else cols, generator=gen).to(device, dtype)
     dy = torch.randn(rows, cols, generator=gen).to(device, dtype)
     weight = (torch.rand(order, generator=gen) * 0.5 + 0.25).to(device).requires_grad_()
     bias = torch.zeros(1).to(device).requires_grad_()
@@ -232,29 +280,48 @@ def measure_shape(op, rows, cols, dtype, order, fns, timer, device, results, ski
 
     dst = torch.empty_like(x0)
     copy_ms = timer(lambda: dst.copy_(x0))
-    copy_gbps = 2 * numel * elem / copy_ms / 1e6
+    copy_bytes = 2 * x0.numel() * elem
+    copy_gbps = copy_bytes / copy_ms / 1e6
     del dst
     log(f"\n{op} {rows}x{cols} {str(dtype).replace('torch.', '')}: copy {copy_ms:.4f} ms "
         f"= {copy_gbps:.0f} GB/s")
-    copy_entry = dict(op=op, rows=rows, cols=cols, ms=copy_ms, bytes=2 * numel * elem,
+    copy_entry = dict(op=op, rows=rows, cols=cols, ms=copy_ms, bytes=copy_bytes,
                       gbps=copy_gbps)
 
-    bytes_moved = {"fwd": 2 * numel * elem, "bwd": 3 * numel * elem, "fwdbwd": 5 * numel * elem}
-    inputs = (x, weight, bias)
+    # In units of rows * cols elements: x, dx are 2 of them when gated, y and dy are 1.
+    x_units = 2 if gated else 1
+    bytes_moved = {
+        name: units * numel * elem
+        for name, units in (("fwd", x_units + 1), ("bwd", 2 * x_units + 1),
+                            ("fwdbwd", 3 * x_units + 2))
+    }
     reference = None
+    swiglu_reference = None
     shape_results = []
     for impl, fn in fns.items():
+        swiglu = impl in SWIGLU_IMPLS
+        inputs = (x,) if swiglu else (x, weight, bias)
         try:
             if fn == "compile":
                 fn = _compiled(op)
+            elif fn == "swiglu-compile":
+                fn = compiled_swiglu()
             y = fn(*inputs)
             grads = torch.autograd.grad(y, inputs, dy, retain_graph=True)
             if reference is None and impl == "naive":
                 reference = (y.detach(), grads[0])
             errs = (
                 dict(y=_rel_err(y, reference[0]), dx=_rel_err(grads[0], reference[1]))
-                if reference is not None else None
+                if reference is not None and not swiglu else None
             )
+            swiglu_errs = None
+            if swiglu:
+                if swiglu_reference is None:
+                    xr = x.detach().requires_grad_()
+                    yr = swiglu_eager(xr)
+                    swiglu_reference = (yr.detach(), torch.autograd.grad(yr, xr, dy)[0])
+                swiglu_errs = dict(y=_rel_err(y, swiglu_reference[0]),
+                                   dx=_rel_err(grads[0], swiglu_reference[1]))
             times = {
                 "fwd": timer(lambda: fn(*inputs)),
                 "bwd": timer(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)),
@@ -275,14 +342,24 @@ def measure_shape(op, rows, cols, dtype, order, fns, timer, device, results, ski
                 op=op, impl=impl, rows=rows, cols=cols, dtype=str(dtype).replace("torch.", ""),
                 order=order, **{"pass": name}, ms=ms, bytes=bytes_moved[name], gbps=gbps,
                 frac_of_copy=gbps / copy_gbps, max_rel_err_vs_naive=errs,
+                max_rel_err_vs_swiglu_eager=swiglu_errs,
             ))
     liger = {r["pass"]: r["ms"] for r in shape_results if r["impl"] == "liger"}
+    fastest_swiglu = {}  # pass -> (ms, impl) of the fastest SwiGLU baseline
+    for r in shape_results:
+        if r["impl"] in SWIGLU_IMPLS and r["ms"] < fastest_swiglu.get(r["pass"], (float("inf"),))[0]:
+            fastest_swiglu[r["pass"]] = (r["ms"], r["impl"])
     for r in shape_results:
         r["speedup_vs_liger"] = liger[r["pass"]] / r["ms"] if r["pass"] in liger else None
+        base = fastest_swiglu.get(r["pass"]) if r["impl"] not in SWIGLU_IMPLS else None
+        r["speedup_vs_swiglu"] = base[0] / r["ms"] if base else None
+        r["swiglu_baseline"] = base[1] if base else None
         vs = f"  {r['speedup_vs_liger']:.2f}x vs liger" if r["speedup_vs_liger"] else ""
-        err = r["max_rel_err_vs_naive"]
+        if r["speedup_vs_swiglu"]:
+            vs += f"  {r['speedup_vs_swiglu']:.2f}x vs {r['swiglu_baseline']}"
+        err = r["max_rel_err_vs_naive"] or r["max_rel_err_vs_swiglu_eager"]
         err_s = f"  err y {err['y']:.1e} dx {err['dx']:.1e}" if err and r["pass"] == "fwd" else ""
-        log(f"  {r['impl']:8s} {r['pass']:7s} {r['ms']:9.4f} ms  {r['gbps']:8.1f} GB/s  "
+        log(f"  {r['impl']:15s} {r['pass']:7s} {r['ms']:9.4f} ms  {r['gbps']:8.1f} GB/s  "
             f"{r['frac_of_copy']:6.3f} of copy{vs}{err_s}")
     results.extend(shape_results)
     return copy_entry
@@ -341,6 +418,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     def log(line: str) -> None:
         print(line, flush=True)
 
+    if not cuda and "triton" in impls:
+        _interpret_triton_on_cpu()
     env = _environment(device)
     log(f"device {env.get('device_name', device)}  torch {torch.__version__}  "
         f"triton {env.get('triton')}  liger {env.get('liger_kernel')}  timer {timer.method}")
@@ -362,7 +441,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             order=args.order, ops=list(ops), impls=list(impls), rows=list(rows_list),
             cols=list(cols_list), eps=EPS,
             bytes_convention="fwd: read x + write y; bwd: read x, dy + write dx; "
-            "fwdbwd: both; copy: read + write of one tensor",
+            "fwdbwd: both; copy: read + write of one tensor (x); gated ops: x and dx "
+            "are [rows, 2 * cols], y and dy [rows, cols]",
             **env,
         ),
         copy=copies,

@@ -32,7 +32,8 @@ FLOP_CONVENTIONS = {
     },
     "activation_detail": "SwiGLU 5 (exp, add, divide, x a, x gate); GELU 5 (scale, erf, add, "
     "x x, x 1/2); PolyReLU 2r+1 (relu, Horner); PolyNorm 5r-1 (powers, square+add per power, "
-    "scale+accumulate per power); r = 3",
+    "scale+accumulate per power); PolyReLU-GLU / PolyNorm-GLU: the gate's activation + 1 "
+    "(x up); r = 3",
     "not_counted": "norms, softmax, rotary, residuals, loss, MoE permutation and prob weighting, "
     "recomputation (MFU uses model FLOPs)",
     "training": f"{F.TRAINING_MULTIPLIER} x forward (backward = 2 x forward, elementwise included)",

@@ -10,7 +10,8 @@ other tenants) hits all of them alike, and medians are reported. Warmup is exclu
          optimizer step) of the dense and of the MoE GPT, with MFU.
 
 Matched parameters (the paper's rule): SwiGLU keeps the preset width f; GELU, PolyReLU and
-PolyNorm get ``matched_ffn_hidden_size(f)`` = 1.5 f. Sections free their models before the
+PolyNorm get ``matched_ffn_hidden_size(f)`` = 1.5 f; the gated PolyReLU-GLU and PolyNorm-GLU
+(``--polycom-gated``) keep f, like SwiGLU. Sections free their models before the
 next one starts; numbers are only compared within a section.
 
     polycom-megatron bench                   # CUDA: paper shapes, bf16; CPU: tiny stand-ins
@@ -46,7 +47,7 @@ from polycom_megatron.bench import parse_choices
 from polycom_megatron.bench import flops as F
 from polycom_megatron.config import matched_ffn_hidden_size
 
-POLYCOM = ("polyrelu", "polynorm")
+POLYCOM = ("polyrelu", "polynorm", "polyrelu-glu", "polynorm-glu")
 SECTIONS = ("mlp", "moe", "model")
 KERNEL_CHOICES = ("torch", "compile", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -71,7 +72,7 @@ class GptPreset:
     def shape(self, activation: str, seq_length: int, num_layers: Optional[int] = None):
         ffn = self.swiglu_ffn
         if activation != "swiglu":
-            ffn = matched_ffn_hidden_size(ffn)
+            ffn = matched_ffn_hidden_size(ffn, gated=activation in F.GATED)
         return F.ModelShape(
             num_layers=num_layers or self.num_layers,
             hidden_size=self.hidden_size,
@@ -183,8 +184,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--only", choices=SECTIONS, action="append", default=None,
                    help="run only this section (repeatable); default all")
     p.add_argument("--activations", default=None,
-                   help="comma list of swiglu,gelu,polyrelu,polynorm (default: all for the layers, "
-                   "swiglu,polyrelu,polynorm for the models)")
+                   help="comma list of swiglu,gelu,polyrelu,polynorm,polyrelu-glu,polynorm-glu "
+                   "(default: all for the layers, swiglu,polyrelu,polynorm,polynorm-glu for the "
+                   "models)")
     p.add_argument("--kernels", default=None,
                    help="PolyCom kernels for the layer sections, comma list of "
                    "torch,compile,triton (default: all on CUDA; torch,compile on CPU)")
@@ -229,7 +231,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     acts = parse_choices(args.activations, F.ACTIVATIONS, "activations")
     layer_acts = acts or F.ACTIVATIONS
     # GELU is a layer-level reference; the model comparison is PolyCom vs SwiGLU unless asked.
-    model_acts = acts or ("swiglu", "polyrelu", "polynorm")
+    model_acts = acts or ("swiglu", "polyrelu", "polynorm", "polynorm-glu")
 
     kernels = parse_choices(args.kernels, KERNEL_CHOICES, "kernels")
     if kernels is None:
@@ -487,7 +489,7 @@ def transformer_config(shape: F.ModelShape, s: Settings):
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        gated_linear_unit=swiglu,
+        gated_linear_unit=shape.activation in F.GATED,
         activation_func=tF.silu if swiglu else tF.gelu,
         # SwiGLU gets Megatron's fused kernel on GPU, as a real run would. Megatron fuses
         # GELU only together with a bias, which these models do not have, so GELU runs
@@ -518,7 +520,10 @@ def transformer_config(shape: F.ModelShape, s: Settings):
 def polycom_config(activation: str, kernel: str):
     from polycom_megatron.config import PolyComConfig
 
-    return PolyComConfig(activation=activation, kernel=kernel) if activation in POLYCOM else None
+    if activation not in POLYCOM:
+        return None
+    base, _, glu = activation.partition("-")
+    return PolyComConfig(activation=base, kernel=kernel, gated=glu == "glu")
 
 
 def _ffn_spec(config, polycom, s: Settings):

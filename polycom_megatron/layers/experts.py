@@ -27,7 +27,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from polycom_megatron import compat
@@ -42,7 +42,7 @@ from polycom_megatron.layers.grouped_experts import (
     check_moe_config,
     count_once_per_expert,
 )
-from polycom_megatron.layers.mlp import PolyComMLP, check_transformer_config
+from polycom_megatron.layers.mlp import PolyComMLP, check_transformer_config, spec_polycom
 
 
 def _activation_spec(polycom: PolyComConfig) -> ModuleSpec:
@@ -136,25 +136,31 @@ class PolyComSequentialMLP(SequentialMLP):
         return state
 
 
-class PolyComSharedExpertMLP(SharedExpertMLP):
+class PolyComSharedExpertMLP(SharedExpertMLP, PolyComMLP):
     """Megatron's shared expert (a dense MLP beside the routed experts) with PolyCom.
 
-    It is sharded over the dense TP group, so its activation reduces over that group."""
+    It is sharded over the dense TP group, so its activation reduces over that group.
+    ``SharedExpertMLP.forward`` calls ``super().forward``, which this base order makes
+    ``PolyComMLP.forward``: Megatron's own MLP forward would, for a gated linear unit,
+    apply ``config.activation_func`` to the gate instead of the PolyCom module."""
 
     def __init__(self, config, submodules, gate, pg_collection=None, name=None):
-        check_transformer_config(config)
+        check_transformer_config(config, spec_polycom(submodules.activation_func))
         if getattr(config, "use_grouped_gemm_for_shared_expert", False):
             raise ValueError(
                 "--use-grouped-gemm-for-shared-expert (use_grouped_gemm_for_shared_expert) "
                 "selects Megatron's FusedSharedExpertMLP, which has no PolyCom version: drop "
                 "it for PolyCom shared experts."
             )
-        plain = dataclasses.replace(submodules, activation_func=None)
+        if getattr(config, "moe_shared_expert_overlap", False) and config.gated_linear_unit:
+            # Its overlapped path applies config.activation_func to the gate itself.
+            raise ValueError(
+                "--moe-shared-expert-overlap (moe_shared_expert_overlap) computes the gated "
+                "shared expert with Megatron's own activation: drop it with --polycom-gated."
+            )
+        # PolyComMLP.__init__ (next after SharedExpertMLP) builds the PolyCom activation.
         super().__init__(
-            config, plain, gate, pg_collection=pg_collection, **compat.name_kwarg(name)
-        )
-        self.activation_func = build_module(
-            submodules.activation_func, config=self.config, tp_group=self.tp_group
+            config, submodules, gate, pg_collection=pg_collection, **compat.name_kwarg(name)
         )
 
 

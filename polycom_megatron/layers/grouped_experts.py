@@ -43,8 +43,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from polycom_megatron import compat
 from polycom_megatron.config import PolyComConfig
+from polycom_megatron.layers.activation import apply_polycom, check_gated_unit, new_coefficients
 from polycom_megatron.layers.mlp import check_transformer_config
-from polycom_megatron.ops import polynorm, polyrelu
 from polycom_megatron.ops.common import group_size
 
 # TEGroupedMLP is defined in every supported release (building one needs Transformer
@@ -55,13 +55,15 @@ TEGroupedMLP = mcore_experts.TEGroupedMLP
 
 def check_moe_config(config: TransformerConfig, polycom: PolyComConfig) -> None:
     """Refuse MoE settings that change what PolyCom experts compute, naming the flag."""
-    check_transformer_config(config)
-    if config.moe_apply_probs_on_input and polycom.activation == "polynorm":
+    check_transformer_config(config, polycom)
+    # The gated form keeps the scale through its linear up projection, so only the
+    # non-gated PolyNorm is blind to it.
+    if config.moe_apply_probs_on_input and polycom.activation == "polynorm" and not polycom.gated:
         raise ValueError(
             "--moe-apply-probs-on-input (TransformerConfig.moe_apply_probs_on_input) scales "
             "each expert's input by its routing probability, and PolyNorm normalises that "
             "scale away, so the router would get no gradient through the experts: drop the "
-            "flag with PolyNorm experts (PolyReLU accepts it)."
+            "flag with PolyNorm experts (PolyReLU and --polycom-gated accept it)."
         )
     offloaded = set(getattr(config, "offload_modules", None) or ()) & {"expert_fc1", "moe_act"}
     if getattr(config, "fine_grained_activation_offloading", False) and offloaded:
@@ -128,19 +130,23 @@ class _SharedCoefficientGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bias, groups, scale):
-        ctx.groups, ctx.scale = groups, scale
-        return weight.view_as(weight), bias.view_as(bias)
+        # bias is None without the a0 term (PolyComConfig.bias=False).
+        ctx.groups, ctx.scale, ctx.has_bias = groups, scale, bias is not None
+        return weight.view_as(weight), (bias.view_as(bias) if bias is not None else None)
 
     @staticmethod
     def backward(ctx, grad_weight, grad_bias):
-        flat = torch.cat([grad_weight.reshape(-1), grad_bias.reshape(-1)]).float()
+        if ctx.has_bias and grad_bias is None:
+            grad_bias = torch.zeros(1, dtype=grad_weight.dtype, device=grad_weight.device)
+        grads = [grad_weight] + ([grad_bias] if ctx.has_bias else [])
+        flat = torch.cat([g.reshape(-1) for g in grads]).float()
         for group in ctx.groups:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat.mul_(ctx.scale)
         n = grad_weight.numel()
         return (
             flat[:n].view_as(grad_weight).to(grad_weight.dtype),
-            flat[n:].view_as(grad_bias).to(grad_bias.dtype),
+            flat[n:].view_as(grad_bias).to(grad_bias.dtype) if ctx.has_bias else None,
             None,
             None,
         )
@@ -168,19 +174,19 @@ class ExpertActivation(MegatronModule):
         self.expt_dp_group = pg_collection.expt_dp
         self._scoped = None
 
-        order, dtype = polycom.order, config.params_dtype
+        check_gated_unit(config, polycom)
+        # The names of the coefficient tensors: ("weight", "bias"), or ("weight",) without a0.
+        self.coefficient_names = ("weight", "bias") if polycom.bias else ("weight",)
+        dtype = config.params_dtype
         if self.per_expert:
             for i in range(num_local_experts):
-                weight = torch.nn.Parameter(torch.full((order,), 1.0 / order, dtype=dtype))
-                bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
-                for param in (weight, bias):
+                weight, bias = new_coefficients(polycom, dtype)
+                for name, param in zip(self.coefficient_names, (weight, bias)):
                     param.allreduce = False
                     count_once_per_expert(param, self.tp_group)
-                self.register_parameter(f"weight{i}", weight)
-                self.register_parameter(f"bias{i}", bias)
+                    self.register_parameter(f"{name}{i}", param)
         else:
-            self.weight = torch.nn.Parameter(torch.full((order,), 1.0 / order, dtype=dtype))
-            self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+            self.weight, self.bias = new_coefficients(polycom, dtype)
             # DDP sums dense gradients over the ranks that share this rank's dense TP rank.
             # When expert TP is the dense TP group, those ranks split this layer's (token,
             # expert) pairs exactly between them and DDP alone is right; otherwise (expert
@@ -199,6 +205,8 @@ class ExpertActivation(MegatronModule):
         if self.per_expert:
             n = self.num_local_experts
             weight = torch.stack([getattr(self, f"weight{i}") for i in range(n)])
+            if not self.polycom.bias:
+                return weight, None
             bias = torch.stack([getattr(self, f"bias{i}") for i in range(n)])
             return weight, bias
         if not self._grad_groups and self._grad_scale == 1.0:
@@ -224,12 +232,7 @@ class ExpertActivation(MegatronModule):
         weight, bias = self.coefficients()
         split = tokens_per_expert if self.per_expert else None
         group = self.tp_group if group_size(self.tp_group) > 1 else None
-        p = self.polycom
-        if p.activation == "polynorm":
-            return polynorm(
-                x, weight, bias, p.eps, group=group, tokens_per_expert=split, kernel=p.kernel
-            )
-        return polyrelu(x, weight, bias, group=group, tokens_per_expert=split, kernel=p.kernel)
+        return apply_polycom(x, weight, bias, self.polycom, group=group, tokens_per_expert=split)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         raise RuntimeError(
@@ -256,7 +259,7 @@ class ExpertActivation(MegatronModule):
             # Replicated on every rank of the stage: (expert-TP, EP, expert-DP) names a rank,
             # and exactly one has replica id (0, 0, 0).
             replica_id = (0, tp_rank, ep_rank + group_size(self.ep_group) * dp_rank)
-            for name in ("weight", "bias"):
+            for name in self.coefficient_names:
                 out[state_prefix + name] = ShardedTensor.from_rank_offsets(
                     f"{prefix}experts.activation_func.{name}",
                     getattr(self, name),
@@ -275,7 +278,7 @@ class ExpertActivation(MegatronModule):
             else:
                 key_prefix = f"{prefix}experts.activation_func."
                 offsets = (*sharded_offsets, (len(sharded_offsets), expert, num_global))
-            for name in ("weight", "bias"):
+            for name in self.coefficient_names:
                 out[f"{state_prefix}{name}{i}"] = ShardedTensor.from_rank_offsets(
                     key_prefix + name,
                     getattr(self, f"{name}{i}"),
@@ -288,7 +291,7 @@ class ExpertActivation(MegatronModule):
     def extra_repr(self) -> str:
         p = self.polycom
         return (
-            f"{p.activation}, order={p.order}, coeff_mode={p.coeff_mode}, "
+            f"{p.name}, order={p.order}, bias={p.bias}, coeff_mode={p.coeff_mode}, "
             f"local_experts={self.num_local_experts}, kernel={p.kernel}"
         )
 

@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Optional
 
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from polycom_megatron import compat
+from polycom_megatron.config import PolyComConfig
+from polycom_megatron.layers.activation import check_gated_unit
 
 
-def check_transformer_config(config: TransformerConfig) -> None:
-    """Refuse Megatron settings that cannot mean anything with a PolyCom activation."""
-    if config.gated_linear_unit:
-        raise ValueError(
-            "PolyCom replaces the gated linear unit: turn off --swiglu "
-            "(TransformerConfig.gated_linear_unit=False) and widen --ffn-hidden-size 1.5x "
-            "for matched parameters (polycom_megatron.matched_ffn_hidden_size)."
-        )
+def check_transformer_config(config: TransformerConfig, polycom: Optional[PolyComConfig] = None) -> None:
+    """Refuse Megatron settings that cannot mean anything with a PolyCom activation
+    (``polycom``, when known, decides whether the gated linear unit must be on or off)."""
+    if polycom is not None:
+        check_gated_unit(config, polycom)
     if config.bias_activation_fusion:
         raise ValueError(
             "Bias-activation fusion only fuses Megatron's built-in activations: pass "
@@ -42,6 +42,16 @@ def check_transformer_config(config: TransformerConfig) -> None:
             "--use-te-activation-func selects Transformer Engine's built-in activation; "
             "PolyCom brings its own: drop the flag (use_te_activation_func=False)."
         )
+
+
+def spec_polycom(activation_spec) -> Optional[PolyComConfig]:
+    """The PolyComConfig an activation spec builds with (a ``polycom`` parameter, or the
+    layer-shared coefficients' ``source`` in MoE), or None when the spec does not say."""
+    parts = compat.builder_parts(activation_spec) if activation_spec is not None else None
+    params = parts[2] if parts else {}
+    if "polycom" in params:
+        return params["polycom"]
+    return getattr(params.get("source"), "polycom", None)
 
 
 class _QuietUnknownMLP(logging.Filter):
@@ -62,7 +72,7 @@ class PolyComMLP(MLP):
     taking ``config`` and ``tp_group``."""
 
     def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, *args, **kwargs):
-        check_transformer_config(config)
+        check_transformer_config(config, spec_polycom(submodules.activation_func))
         if submodules.activation_func is None:
             raise ValueError(
                 "PolyComMLP needs submodules.activation_func (a PolyComActivation spec); "

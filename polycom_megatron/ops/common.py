@@ -26,8 +26,13 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def coeff_table(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Storage layout -> ``[sets, r + 1]`` table indexed by power, in compute precision."""
+def coeff_table(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Storage layout -> ``[sets, r + 1]`` table indexed by power, in compute precision.
+
+    ``bias=None`` (the gated ops without an a_0 term) gives a zero power-0 column.
+    """
+    if bias is None and weight.dim() in (1, 2):
+        bias = weight.new_zeros(*weight.shape[:-1], 1)
     if weight.dim() not in (1, 2) or bias.shape[-1:] != (1,):
         raise ValueError(
             f"PolyCom weight must be [r] or [experts, r] and bias [1] or [experts, 1]; "
@@ -42,9 +47,11 @@ def coeff_table(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return upcast(torch.cat([bias2, weight2.flip(-1)], dim=-1)).contiguous()
 
 
-def split_table_grad(table_grad: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-    """Gradient of the table -> gradients in storage layout and dtype."""
-    grad_bias = table_grad[:, :1].reshape(bias.shape).to(bias.dtype)
+def split_table_grad(
+    table_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+):
+    """Gradient of the table -> gradients in storage layout and dtype (None for no bias)."""
+    grad_bias = None if bias is None else table_grad[:, :1].reshape(bias.shape).to(bias.dtype)
     grad_weight = table_grad[:, 1:].flip(-1).reshape(weight.shape).to(weight.dtype)
     return grad_weight, grad_bias
 
@@ -111,3 +118,20 @@ def all_reduce_sum(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View any ``[..., n]`` tensor as contiguous ``[rows, n]``."""
     return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def glu_rows(x: torch.Tensor, op: str) -> torch.Tensor:
+    """fc1's gated output ``[..., 2n]`` as contiguous ``[rows, 2n]`` (gate half, then up half)."""
+    if x.dim() == 0 or x.shape[-1] == 0 or x.shape[-1] % 2:
+        raise ValueError(
+            f"{op} takes fc1's gated output [..., 2n] (gate half, then up half); got shape "
+            f"{tuple(x.shape)}: its last dimension must be even and non-zero (fc1 must output "
+            "twice the FFN hidden size, as Megatron's gated_linear_unit lays it out)"
+        )
+    return as_rows(x)
+
+
+def gate_up(rows: torch.Tensor):
+    """The gate and up halves (views) of ``[rows, 2n]``."""
+    n = rows.shape[-1] // 2
+    return rows[..., :n], rows[..., n:]

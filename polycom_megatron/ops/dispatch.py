@@ -36,6 +36,18 @@ _SETS = {
         "polycom_megatron.ops.polyrelu_triton",
         "TritonPolyReLUKernels",
     ),
+    "polynorm_glu": (
+        "polycom_megatron.ops.polynorm_glu",
+        "TorchPolyNormGLUKernels",
+        "polycom_megatron.ops.polynorm_glu_triton",
+        "TritonPolyNormGLUKernels",
+    ),
+    "polyrelu_glu": (
+        "polycom_megatron.ops.polyrelu_glu",
+        "TorchPolyReLUGLUKernels",
+        "polycom_megatron.ops.polyrelu_glu_triton",
+        "TritonPolyReLUGLUKernels",
+    ),
 }
 
 

@@ -120,24 +120,44 @@ class TorchPolyNormKernels:
         return dx.to(x.dtype)
 
 
+def normalised_forward(kernels, rows, coeffs, sets, eps, n_total, group):
+    """-> (y, inv_rms): the fused kernel on one device, else moments all-reduced over TP.
+
+    Shared with PolyNorm-GLU, whose kernel sets take fc1's ``[rows, 2n]`` instead.
+    """
+    fused = getattr(kernels, "forward_fused", None)
+    if fused is not None and group_size(group) == 1:
+        return fused(rows, coeffs, sets, eps)
+    moments = kernels.moments(rows, coeffs.shape[1] - 1)
+    all_reduce_sum(moments, group)
+    inv_rms = torch.rsqrt(moments / n_total + eps)
+    return kernels.forward(rows, inv_rms, coeffs, sets), inv_rms
+
+
+def normalised_backward(kernels, rows, dy, inv_rms, coeffs, sets, n_total, group, weight, bias):
+    """-> (dx, grad_weight, grad_bias), the dot products all-reduced over TP in between."""
+    fused = getattr(kernels, "backward_fused", None)
+    if fused is not None and group_size(group) == 1:
+        dx, dots = fused(rows, dy, inv_rms, coeffs, sets, n_total)
+    else:
+        dots = kernels.backward_dots(rows, dy, inv_rms.shape[1])
+        all_reduce_sum(dots, group)
+        dx = kernels.backward_dx(rows, dy, inv_rms, dots, coeffs, sets, n_total)
+    # dots were all-reduced, so these are the full coefficient gradients on every rank.
+    row_grads = torch.cat([dots[:, :1], dots[:, 1:] * inv_rms], dim=-1)
+    table_grad = sum_rows_per_set(row_grads, sets, coeffs.shape[0])
+    grad_weight, grad_bias = split_table_grad(table_grad, weight, bias)
+    return dx, grad_weight, grad_bias
+
+
 class PolyNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group, tokens_per_expert, kernels):
         rows = as_rows(x)
         coeffs = coeff_table(weight, bias)
         sets = row_sets(tokens_per_expert, coeffs.shape[0], rows.shape[0], x.device)
-        order = weight.shape[-1]
         n_total = rows.shape[1] * group_size(group)
-
-        fused = getattr(kernels, "forward_fused", None)
-        if fused is not None and group_size(group) == 1:
-            y, inv_rms = fused(rows, coeffs, sets, eps)
-        else:
-            moments = kernels.moments(rows, order)
-            all_reduce_sum(moments, group)
-            inv_rms = torch.rsqrt(moments / n_total + eps)
-            y = kernels.forward(rows, inv_rms, coeffs, sets)
-
+        y, inv_rms = normalised_forward(kernels, rows, coeffs, sets, eps, n_total, group)
         ctx.save_for_backward(rows, inv_rms, coeffs, sets, weight, bias)
         ctx.group, ctx.kernels, ctx.n_total = group, kernels, n_total
         return y.view(x.shape)
@@ -146,21 +166,9 @@ class PolyNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         rows, inv_rms, coeffs, sets, weight, bias = ctx.saved_tensors
         group, kernels, n_total = ctx.group, ctx.kernels, ctx.n_total
-        dy = as_rows(grad_out)
-        order = inv_rms.shape[1]
-
-        fused = getattr(kernels, "backward_fused", None)
-        if fused is not None and group_size(group) == 1:
-            dx, dots = fused(rows, dy, inv_rms, coeffs, sets, n_total)
-        else:
-            dots = kernels.backward_dots(rows, dy, order)
-            all_reduce_sum(dots, group)
-            dx = kernels.backward_dx(rows, dy, inv_rms, dots, coeffs, sets, n_total)
-
-        # dots were all-reduced, so these are the full coefficient gradients on every rank.
-        row_grads = torch.cat([dots[:, :1], dots[:, 1:] * inv_rms], dim=-1)
-        table_grad = sum_rows_per_set(row_grads, sets, coeffs.shape[0])
-        grad_weight, grad_bias = split_table_grad(table_grad, weight, bias)
+        dx, grad_weight, grad_bias = normalised_backward(
+            kernels, rows, as_rows(grad_out), inv_rms, coeffs, sets, n_total, group, weight, bias
+        )
         return dx.view(grad_out.shape), grad_weight, grad_bias, None, None, None, None
 
 

@@ -81,6 +81,19 @@ class TorchPolyReLUKernels:
         return dx.to(x.dtype), torch.stack(row_grads, dim=-1)
 
 
+def elementwise_backward(kernels, rows, dy, coeffs, sets, group, weight, bias):
+    """-> (dx, grad_weight, grad_bias), the coefficient gradients summed over TP.
+
+    Shared with PolyReLU-GLU, whose kernel sets take fc1's ``[rows, 2n]`` instead.
+    """
+    dx, row_grads = kernels.backward(rows, dy, coeffs, sets)
+    table_grad = sum_rows_per_set(row_grads, sets, coeffs.shape[0])
+    # Each TP rank summed over its own slice of the hidden dimension.
+    all_reduce_sum(table_grad, group)
+    grad_weight, grad_bias = split_table_grad(table_grad, weight, bias)
+    return dx, grad_weight, grad_bias
+
+
 class PolyReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, group, tokens_per_expert, kernels):
@@ -95,11 +108,9 @@ class PolyReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, coeffs, sets, weight, bias = ctx.saved_tensors
-        dx, row_grads = ctx.kernels.backward(rows, as_rows(grad_out), coeffs, sets)
-        table_grad = sum_rows_per_set(row_grads, sets, coeffs.shape[0])
-        # Each TP rank summed over its own slice of the hidden dimension.
-        all_reduce_sum(table_grad, ctx.group)
-        grad_weight, grad_bias = split_table_grad(table_grad, weight, bias)
+        dx, grad_weight, grad_bias = elementwise_backward(
+            ctx.kernels, rows, as_rows(grad_out), coeffs, sets, ctx.group, weight, bias
+        )
         return dx.view(grad_out.shape), grad_weight, grad_bias, None, None, None
 
 

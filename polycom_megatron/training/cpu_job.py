@@ -110,7 +110,7 @@ class CpuJob:
         return text
 
     def describe_model(self) -> str:
-        act = self.polycom.activation if self.polycom else "gelu (stock Megatron MLP)"
+        act = self.polycom.name if self.polycom else "gelu (stock Megatron MLP)"
         kind = f"MoE {self.num_experts}x{self.ffn_hidden_size}" if self.is_moe else (
             f"dense FFN {self.ffn_hidden_size}"
         )

@@ -182,7 +182,8 @@ def transformer_config(job: CpuJob) -> TransformerConfig:
         ffn_hidden_size=job.ffn_hidden_size,
         normalization="RMSNorm",
         add_bias_linear=False,
-        gated_linear_unit=False,
+        # On for --polycom-gated only: fc1 then holds [gate, up] (PolyNorm-GLU).
+        gated_linear_unit=job.polycom is not None and job.polycom.gated,
         # PolyCom is not one of the activations Megatron's bias-activation fusion knows.
         bias_activation_fusion=False,
         hidden_dropout=job.dropout,

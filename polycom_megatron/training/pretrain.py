@@ -35,7 +35,12 @@ from collections import Counter
 from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
-from polycom_megatron.config import PolyComConfig, add_polycom_args, gated_unit_conflict
+from polycom_megatron.config import (
+    PolyComConfig,
+    add_polycom_args,
+    gated_unit_conflict,
+    set_transformer_config,
+)
 
 # As Megatron-LM's pretrain_gpt.py: the tokenizer type when --tokenizer-type is not given.
 ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}
@@ -168,11 +173,11 @@ def prepare_argv(argv: Sequence[str]) -> Tuple[List[str], Optional[PolyComConfig
         return list(argv), None
     glu = [flag for flag in GLU_FLAGS if getattr(known, flag[2:].replace("-", "_"))]
     if glu:
-        raise ValueError(gated_unit_conflict(glu[0], polycom.activation))
+        raise ValueError(gated_unit_conflict(glu[0], polycom.activation, gated=polycom.gated))
     missing = [flag for flag in NO_FUSION_FLAGS if flag not in argv]
     if missing:
         print(
-            f"note: --polycom-activation {polycom.activation}: bias-activation fusion is off "
+            f"note: --polycom-activation {polycom.name}: bias-activation fusion is off "
             f"({' '.join(NO_FUSION_FLAGS)}): it only fuses Megatron's built-in activations.",
             flush=True,
         )
@@ -238,9 +243,14 @@ def model_from_args(args, config, pre_process=True, post_process=True, vp_stage=
     from polycom_megatron.model import build_gpt_model
 
     check_args(args)
+    polycom = PolyComConfig.from_args(args)
+    if polycom is not None:
+        # --polycom-gated turns on Megatron's gated linear unit (fc1 as [gate, up]); the
+        # non-gated form has it off (--swiglu was refused before Megatron started).
+        set_transformer_config(config, polycom)
     return build_gpt_model(
         config,
-        PolyComConfig.from_args(args),
+        polycom,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         use_te=args.transformer_impl == "transformer_engine",

@@ -62,7 +62,8 @@ def count(model, shape, backward=False):
 
 
 CASES = [("swiglu", False), ("gelu", False), ("polynorm", False), ("polyrelu", False),
-         ("swiglu", True), ("gelu", True), ("polynorm", True)]
+         ("polynorm-glu", False), ("swiglu", True), ("gelu", True), ("polynorm", True),
+         ("polynorm-glu", True)]
 
 
 @pytest.mark.parametrize("activation,moe", CASES)
@@ -96,7 +97,7 @@ def test_dense_gemms_are_two_flops_per_weight(settings):
 
 
 def test_activation_counts_and_conventions():
-    assert [F.activation_flops_per_element(a) for a in F.ACTIVATIONS] == [5, 5, 7, 14]
+    assert [F.activation_flops_per_element(a) for a in F.ACTIVATIONS] == [5, 5, 7, 14, 8, 15]
     assert F.activation_flops_per_element("polyrelu", order=2) == 5
     assert F.activation_flops_per_element("polynorm", order=2) == 9
     with pytest.raises(ValueError):

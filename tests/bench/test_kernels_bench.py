@@ -9,7 +9,8 @@ pytest.importorskip("triton")  # without a GPU, tests/conftest.py selects the in
 
 from polycom_megatron.bench import kernels  # noqa: E402
 
-SMOKE = ["--rows", "64", "--cols", "256", "--impls", "naive,torch,triton", "--reps", "3"]
+SMOKE = ["--rows", "64", "--cols", "256", "--impls", "naive,torch,triton", "--reps", "3",
+         "--ops", "polynorm,polyrelu"]
 
 
 def test_smoke_run_writes_every_entry(tmp_path):

@@ -13,7 +13,8 @@ import pytest
 
 from polycom_megatron.bench import throughput as T
 
-ACTIVATIONS = ("swiglu", "gelu", "polyrelu", "polynorm")
+ACTIVATIONS = ("swiglu", "gelu", "polyrelu", "polynorm", "polyrelu-glu", "polynorm-glu")
+GATED = ("swiglu", "polyrelu-glu", "polynorm-glu")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def expected_configs():
             kernels = ("torch", "compile") if a in T.POLYCOM else (None,)
             names |= {(section, a if k is None else f"{a}[{k}]") for k in kernels}
     for section in ("dense-model", "moe-model"):
-        names |= {(section, "swiglu"), (section, "polyrelu[torch]"), (section, "polynorm[torch]")}
+        names |= {(section, "swiglu"), (section, "polyrelu[torch]"), (section, "polynorm[torch]"),
+                  (section, "polynorm-glu[torch]")}
     return names
 
 
@@ -70,7 +72,11 @@ def test_matched_widths_and_metadata(smoke):
         shape = c["shape"]
         width = shape["moe_ffn_hidden_size"] or shape["ffn_hidden_size"]
         base = 64 if shape["num_experts"] else 128
-        assert width == (base if c["activation"] == "swiglu" else base * 3 // 2)
+        # The gated PolyCom forms keep SwiGLU's width, with SwiGLU's parameter count.
+        assert width == (base if c["activation"] in GATED else base * 3 // 2)
+    for section in ("mlp", "moe", "dense-model", "moe-model"):
+        params = {c["activation"]: c["params"] for c in payload["cases"] if c["section"] == section}
+        assert abs(params["polynorm-glu"] - params["swiglu"]) <= 4 * 64, (section, params)
     env = payload["environment"]
     for key in ("device", "torch", "megatron_core", "git_commit"):
         assert key in env

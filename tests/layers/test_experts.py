@@ -17,19 +17,43 @@ import moe_harness as mh
 from distributed import run_distributed
 
 from polycom_megatron.config import PolyComConfig
-from polycom_megatron.ops import polynorm_reference, polyrelu_reference
+from polycom_megatron.ops import (
+    polynorm_glu_reference,
+    polynorm_reference,
+    polyrelu_glu_reference,
+    polyrelu_reference,
+)
 
 REFERENCE = h.Layout(ep=1)
-LAYOUTS = {
-    "polynorm": [
-        h.Layout(ep=2),
-        h.Layout(ep=4),
-        h.Layout(ep=2, etp=2),
-        h.Layout(tp=2, sp=True, ep=2, etp=1),
-        h.Layout(tp=2, sp=True, ep=2),
-    ],
-    "polyrelu": [h.Layout(ep=2, etp=2), h.Layout(tp=2, sp=True, ep=2, etp=1)],
+# Activation forms (PolyComConfig keywords besides coeff_mode) and their layouts. The
+# gated forms (PolyCom(gate) * up) run on Megatron's gated linear unit.
+FORMS = {
+    "polynorm": dict(activation="polynorm"),
+    "polyrelu": dict(activation="polyrelu"),
+    "polynorm-glu": dict(activation="polynorm", gated=True),
+    "polyrelu-glu-no-bias": dict(activation="polyrelu", gated=True, bias=False),
 }
+EVERY_LAYOUT = [
+    h.Layout(ep=2),
+    h.Layout(ep=4),
+    h.Layout(ep=2, etp=2),
+    h.Layout(tp=2, sp=True, ep=2, etp=1),
+    h.Layout(tp=2, sp=True, ep=2),
+    h.Layout(pp=2, ep=2),
+]
+# Expert TP = 2 != TP, and TP = 2 (SP) != expert TP = 1.
+TWO_LAYOUTS = [h.Layout(ep=2, etp=2), h.Layout(tp=2, sp=True, ep=2, etp=1)]
+LAYOUTS = {
+    "polynorm": EVERY_LAYOUT,
+    "polyrelu": TWO_LAYOUTS,
+    "polynorm-glu": EVERY_LAYOUT,
+    "polyrelu-glu-no-bias": TWO_LAYOUTS,
+}
+# Grouped backends and recompute are checked on these forms.
+GROUPED_FORMS = ("polynorm", "polynorm-glu")
+# The same GPT with dense MLPs only (moe_layer_freq all 0), split over two pipeline stages.
+DENSE = dict(moe_layer_freq=[0, 0])
+DENSE_PP = h.Layout(pp=2)
 MODES = ("layer", "expert")
 STEPS = 2
 GROUPED = dict(moe_grouped_gemm=True)
@@ -185,6 +209,8 @@ def test_probs_on_input_is_refused_for_polynorm_only():
     with pytest.raises(ValueError, match="--moe-apply-probs-on-input"):
         check_moe_config(config, polynorm)
     check_moe_config(config, PolyComConfig(activation="polyrelu"))
+    # PolyNorm-GLU keeps the probability through its up projection: accepted.
+    check_moe_config(dataclasses.replace(config, gated_linear_unit=True), PolyComConfig(gated=True))
     # Every experts module checks before building anything.
     builders = [
         lambda: PolyComSequentialMLP(2, config, None, polycom=polynorm),
@@ -202,33 +228,40 @@ def _single_rank_groups():
     return types.SimpleNamespace(expt_tp=None, ep=None, expt_dp=None, tp=None, dp_cp=None)
 
 
-@pytest.mark.parametrize("activation", ["polynorm", "polyrelu"])
-def test_grouped_activation_matches_each_expert_alone(activation):
+@pytest.mark.parametrize("form", list(FORMS))
+def test_grouped_activation_matches_each_expert_alone(form):
     """All local experts' rows in one call, each row with its expert's coefficients, equal
     each expert's rows through the reference with its own coefficients; FP8-style padding
-    (zero rows with probability 0 per expert, the padded split) changes nothing."""
+    (zero rows with probability 0 per expert, the padded split) changes nothing. Gated
+    forms take fc1's ``[gate, up]`` rows (width 12 -> 6)."""
     from polycom_megatron.layers.grouped_experts import ExpertActivation
 
     torch.manual_seed(0)
     split, width, order = [3, 0, 5, 2], 12, 3
+    polycom = PolyComConfig(**FORMS[form], coeff_mode="expert", kernel="torch")
     act = ExpertActivation(
-        _moe_config(),
-        PolyComConfig(activation=activation, coeff_mode="expert", kernel="torch"),
+        _moe_config(**h.gated_unit(polycom)),
+        polycom,
         num_local_experts=len(split),
         pg_collection=_single_rank_groups(),
     )
     with torch.no_grad():
         for i in range(len(split)):
             getattr(act, f"weight{i}").copy_(torch.randn(order))
-            getattr(act, f"bias{i}").copy_(torch.randn(1))
+            if polycom.bias:
+                getattr(act, f"bias{i}").copy_(torch.randn(1))
     x = torch.randn(sum(split), width)
     probs = torch.rand(sum(split), 1)
+    references = {
+        ("polynorm", False): lambda rows, w, b: polynorm_reference(rows, w, b, act.polycom.eps),
+        ("polyrelu", False): polyrelu_reference,
+        ("polynorm", True): lambda rows, w, b: polynorm_glu_reference(rows, w, b, act.polycom.eps),
+        ("polyrelu", True): polyrelu_glu_reference,
+    }
 
     def reference(i, rows):
-        w, b = getattr(act, f"weight{i}"), getattr(act, f"bias{i}")
-        if activation == "polynorm":
-            return polynorm_reference(rows, w, b, eps=act.polycom.eps)
-        return polyrelu_reference(rows, w, b)
+        w, b = getattr(act, f"weight{i}"), getattr(act, f"bias{i}", None)
+        return references[(polycom.activation, polycom.gated)](rows, w, b)
 
     expected = torch.cat([reference(i, rows) for i, rows in enumerate(x.split(split))]) * probs
     expected.square().sum().backward()
@@ -249,6 +282,7 @@ def test_grouped_activation_matches_each_expert_alone(activation):
         padded_probs += [p_block, torch.zeros(extra, 1)]
     padded_split = [n + extra for n, extra in zip(split, pad)]
     out = act(torch.cat(rows), padded_split) * torch.cat(padded_probs)
+    assert out.shape[-1] == (width // 2 if polycom.gated else width)
     real = torch.cat([blk[:n] for blk, n in zip(out.split(padded_split), split)])
     torch.testing.assert_close(real, expected, rtol=1e-5, atol=1e-6)
     out.square().sum().backward()
@@ -380,22 +414,27 @@ def _count_activation_calls():
 
 
 def _plan():
-    """(activation, mode, run name, layout, config overrides) of every run."""
-    for activation, layouts in LAYOUTS.items():
+    """(form, mode, run name, layout, config overrides) of every run."""
+    for form, layouts in LAYOUTS.items():
         for mode in MODES:
-            yield activation, mode, "reference", REFERENCE, {}
+            yield form, mode, "reference", REFERENCE, {}
             for layout in layouts:
-                yield activation, mode, str(layout), layout, {}
-            if activation != "polynorm":
+                yield form, mode, str(layout), layout, {}
+            if form not in GROUPED_FORMS:
                 continue
             layout = GROUPED_LAYOUTS[0]
             if mh.HAS_LEGACY_GROUPED:
                 for grouped_layout in GROUPED_LAYOUTS:
-                    yield activation, mode, f"grouped {grouped_layout}", grouped_layout, GROUPED
-                yield activation, mode, f"moe_act {layout}", layout, MOE_ACT
-            yield activation, mode, f"moe recompute {layout}", layout, MOE_RECOMPUTE
+                    yield form, mode, f"grouped {grouped_layout}", grouped_layout, GROUPED
+                yield form, mode, f"moe_act {layout}", layout, MOE_ACT
+            if form != "polynorm":
+                continue
+            yield form, mode, f"moe recompute {layout}", layout, MOE_RECOMPUTE
             for layout in ALLTOALL_LAYOUTS:
-                yield activation, mode, f"alltoall {layout}", layout, ALLTOALL
+                yield form, mode, f"alltoall {layout}", layout, ALLTOALL
+    for form in ("polynorm", "polynorm-glu"):
+        yield form, "layer", "dense reference", REFERENCE, DENSE
+        yield form, "layer", f"dense {DENSE_PP}", DENSE_PP, DENSE
 
 
 def _all_runs(rank, world_size):
@@ -404,12 +443,12 @@ def _all_runs(rank, world_size):
     calls = _count_activation_calls()
     results = {}
     # Grouped by layout: the process groups are then built once per layout.
-    for activation, mode, name, layout, overrides in sorted(_plan(), key=lambda r: str(r[3])):
-        polycom = PolyComConfig(activation=activation, coeff_mode=mode)
+    for form, mode, name, layout, overrides in sorted(_plan(), key=lambda r: str(r[3])):
+        polycom = PolyComConfig(**FORMS[form], coeff_mode=mode)
         calls["n"] = 0
         run = mh.run_layout(layout, polycom, STEPS, **overrides)
         run["activation_calls"] = calls["n"]
-        results.setdefault((activation, mode), {})[name] = run
+        results.setdefault((form, mode), {})[name] = run
     return results
 
 
@@ -429,32 +468,50 @@ def _assert_same_run(got, want, label, tight=False):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("activation", ["polynorm", "polyrelu"])
-def test_same_model_at_every_expert_and_tensor_parallel_layout(runs, activation, mode):
-    results = runs[(activation, mode)]
+@pytest.mark.parametrize("form", list(FORMS))
+def test_same_model_at_every_expert_and_tensor_parallel_layout(runs, form, mode):
+    results = runs[(form, mode)]
     reference = results["reference"]
-    for layout in LAYOUTS[activation]:
-        _assert_same_run(results[str(layout)], reference, f"{activation} {mode} {layout}")
+    for layout in LAYOUTS[form]:
+        _assert_same_run(results[str(layout)], reference, f"{form} {mode} {layout}")
     grads = reference["grads"]
     coeffs = [k for k in grads if "activation_func" in k]
-    assert len(coeffs) == 6  # dense layer, routed experts, shared expert: weight and bias
+    # Dense layer, routed experts, shared expert: weight and (with a0) bias.
+    assert len(coeffs) == (6 if FORMS[form].get("bias", True) else 3)
     assert all(grads[k].abs().sum() > 0 for k in coeffs)
     expected = (4, 3) if mode == "expert" else (3,)
     assert tuple(grads[f"{COEFF}.weight"].shape) == expected
+    # The gated forms' fc1 holds [gate; up]: twice the width of the non-gated one.
+    fc1 = grads["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"]
+    shared_fc1 = grads["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"]
+    width = 2 if FORMS[form].get("gated") else 1
+    assert (fc1.shape[-2], shared_fc1.shape[0]) == (width * 24, width * 16)
+
+
+def test_same_dense_model_over_two_pipeline_stages(runs):
+    for form in ("polynorm", "polynorm-glu"):
+        results = runs[(form, "layer")]
+        _assert_same_run(
+            results[f"dense {DENSE_PP}"], results["dense reference"], f"{form} dense {DENSE_PP}"
+        )
+        assert not any("experts" in k for k in results["dense reference"]["grads"])
 
 
 @mh.needs_legacy_grouped
 @pytest.mark.parametrize("mode", MODES)
-def test_grouped_backend_matches_per_expert_loop(runs, mode):
-    results = runs[("polynorm", mode)]
+@pytest.mark.parametrize("form", GROUPED_FORMS)
+def test_grouped_backend_matches_per_expert_loop(runs, form, mode):
+    results = runs[(form, mode)]
     for layout in GROUPED_LAYOUTS:
-        _assert_same_run(results[f"grouped {layout}"], results[str(layout)], f"{mode} {layout}", tight=True)
+        label = f"{form} {mode} {layout}"
+        _assert_same_run(results[f"grouped {layout}"], results[str(layout)], label, tight=True)
 
 
 @mh.needs_legacy_grouped
 @pytest.mark.parametrize("mode", MODES)
-def test_moe_act_recompute(runs, mode):
-    results = runs[("polynorm", mode)]
+@pytest.mark.parametrize("form", GROUPED_FORMS)
+def test_moe_act_recompute(runs, form, mode):
+    results = runs[(form, mode)]
     layout = GROUPED_LAYOUTS[0]
     recomputed = results[f"moe_act {layout}"]
     _assert_same_run(recomputed, results[f"grouped {layout}"], f"{mode} moe_act", tight=True)

@@ -1,7 +1,8 @@
 """Distributed checkpoints of PolyCom MoE models reshard along the expert axis: saved at
 EP=4 (after training steps, so the coefficients have moved and, per expert, differ), loaded
 at EP=2, EP=1, expert TP=2, TP=2 with SP, and into the grouped backend, the model computes
-the same per-token losses."""
+the same per-token losses; for PolyNorm and for the gated PolyNorm-GLU (whose expert fc1 is
+``[gate_i; up_i]`` per expert-TP rank)."""
 
 import os
 
@@ -23,6 +24,14 @@ TARGETS = {
     "grouped ep2": (h.Layout(ep=2), dict(moe_grouped_gemm=True)),
 }
 COEFF = "decoder.layers.1.mlp.experts.experts.activation_func.weight"
+# (coefficient mode, gated form): PolyNorm, and PolyNorm-GLU, whose expert fc1 holds
+# [gate_i; up_i] per expert-TP rank.
+RUNS = (("layer", False), ("expert", False), ("layer", True), ("expert", True))
+NAMES = ["layer", "expert", "layer-glu", "expert-glu"]
+
+
+def _name(mode, gated):
+    return mode + ("-glu" if gated else "")
 
 
 def _save_then_load(rank, world_size, ckpt_root):
@@ -32,9 +41,9 @@ def _save_then_load(rank, world_size, ckpt_root):
 
     mh.use_reference_grouped_gemm()
     results = {}
-    for mode in ("layer", "expert"):
-        polycom = PolyComConfig(activation="polynorm", coeff_mode=mode)
-        ckpt_dir = os.path.join(ckpt_root, mode)
+    for mode, gated in RUNS:
+        polycom = PolyComConfig(activation="polynorm", coeff_mode=mode, gated=gated)
+        ckpt_dir = os.path.join(ckpt_root, _name(mode, gated))
         config, ddp, optimizer = mh.build(SAVED_AT, polycom)
         for step in range(2):
             mh.train_step(ddp, optimizer, step)
@@ -54,19 +63,19 @@ def _save_then_load(rank, world_size, ckpt_root):
                 "loaded": mh.per_token_losses(ddp),
                 "coeff": mh.gather(ddp.module, "param")[COEFF],
             }
-        results[mode] = runs
+        results[_name(mode, gated)] = runs
     return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_ckpt")
-    for mode in ("layer", "expert"):
-        os.makedirs(root / mode)
+    for name in NAMES:
+        os.makedirs(root / name)
     return run_distributed(_save_then_load, 4, str(root), timeout_s=600)
 
 
-@pytest.mark.parametrize("mode", ["layer", "expert"])
+@pytest.mark.parametrize("mode", NAMES)
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_ep4_checkpoint_loads_at_other_layouts(results, mode, target):
     runs = results[mode]
@@ -76,8 +85,9 @@ def test_ep4_checkpoint_loads_at_other_layouts(results, mode, target):
     torch.testing.assert_close(got["coeff"], runs["coeff"], rtol=0, atol=0)
 
 
-def test_saved_coefficients_moved_and_per_expert_ones_differ(results):
-    layer, expert = results["layer"]["coeff"], results["expert"]["coeff"]
+@pytest.mark.parametrize("form", ["", "-glu"])
+def test_saved_coefficients_moved_and_per_expert_ones_differ(results, form):
+    layer, expert = results["layer" + form]["coeff"], results["expert" + form]["coeff"]
     assert layer.shape == (3,) and expert.shape == (4, 3)
     assert not torch.allclose(layer, torch.full_like(layer, 1 / 3))
     assert all(not torch.equal(expert[i], expert[j]) for i in range(4) for j in range(i + 1, 4))

@@ -40,11 +40,11 @@ def test_coefficients_per_layer_initialised_and_marked():
     assert info["fc1_decays"]
 
 
-def _build_with(rank, world_size, overrides):
+def _build_with(rank, world_size, overrides, polycom_kwargs=None):
     from polycom_megatron.config import PolyComConfig
 
     try:
-        h.build(h.Layout(), PolyComConfig(), **overrides)
+        h.build(h.Layout(), PolyComConfig(**(polycom_kwargs or {})), **overrides)
     except ValueError as err:
         return str(err)
     return None
@@ -66,6 +66,19 @@ def test_incompatible_megatron_settings_are_refused(overrides, flag):
     assert message is not None and flag in message
 
 
+@pytest.mark.parametrize(
+    "overrides,flag",
+    [
+        (dict(gated_linear_unit=False), "--polycom-gated (PolyComConfig.gated) needs"),
+        (dict(glu_linear_offset=1.0), "--glu-linear-offset"),
+        (dict(activation_func_clamp_value=7.0), "--activation-func-clamp-value"),
+    ],
+)
+def test_gated_form_refuses_settings_it_cannot_honour(overrides, flag):
+    message = run_distributed(_build_with, 1, overrides, dict(gated=True), timeout_s=120)
+    assert message is not None and flag in message
+
+
 def test_fp8_input_store_is_refused():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -75,3 +88,33 @@ def test_fp8_input_store_is_refused():
     config.activation_func_fp8_input_store = True  # Megatron allows it only with SwiGLU
     with pytest.raises(ValueError, match="--activation-func-fp8-input-store"):
         check_transformer_config(config)
+
+
+def _parameter_counts(rank, world_size):
+    import moe_harness as mh
+    from polycom_megatron.config import PolyComConfig
+
+    swiglu = dict(gated_linear_unit=True, activation_func=torch.nn.functional.silu)
+    counts = {}
+    for name, build in (("dense", h.build), ("moe", mh.build)):
+        for form, polycom, overrides in (
+            ("swiglu", None, swiglu),
+            ("polynorm-glu", PolyComConfig(gated=True), {}),
+            ("polynorm-glu-no-bias", PolyComConfig(gated=True, bias=False), {}),
+            ("polynorm", PolyComConfig(), {}),
+        ):
+            _, ddp, _ = build(h.Layout(), polycom, **overrides)
+            counts[(name, form)] = sum(p.numel() for p in ddp.module.parameters())
+    return counts
+
+
+def test_gated_form_has_swiglus_parameters_at_swiglus_width():
+    """At the same FFN width, PolyNorm-GLU = SwiGLU + the coefficients (r + 1 per
+    activation: 2 dense layers; or 1 dense layer, the routed experts and the shared expert
+    in layer mode), while the non-gated form at that width has a third fewer FFN weights."""
+    counts = run_distributed(_parameter_counts, 1, timeout_s=300)
+    for name, activations in (("dense", 2), ("moe", 3)):
+        swiglu = counts[(name, "swiglu")]
+        assert counts[(name, "polynorm-glu")] == swiglu + activations * 4
+        assert counts[(name, "polynorm-glu-no-bias")] == swiglu + activations * 3
+        assert counts[(name, "polynorm")] < swiglu

@@ -3,6 +3,8 @@
 Same seed, same batch; one step through Megatron's DDP, finalize_model_grads and
 optimizer at TP=1, TP=2 and TP=4, with sequence parallelism off and on; loss, grad norm,
 every gradient (gathered to full shape) and every parameter after the step must agree.
+The gated forms (PolyCom(gate) * up, Megatron's GLU fc1 sharded as [gate_i; up_i] per TP
+rank) run the same check: PolyNorm-GLU at every layout, PolyReLU-GLU without a0 at two.
 """
 
 import pytest
@@ -12,12 +14,22 @@ import gpt_harness as h
 from distributed import run_distributed
 
 LAYOUTS = [h.Layout(tp=2), h.Layout(tp=2, sp=True), h.Layout(tp=4), h.Layout(tp=4, sp=True)]
+# Keyword arguments of PolyComConfig, and the layouts compared with TP=1.
+FORMS = {
+    "polynorm": (dict(activation="polynorm"), LAYOUTS),
+    "polyrelu": (dict(activation="polyrelu"), LAYOUTS),
+    "polynorm-glu": (dict(activation="polynorm", gated=True), LAYOUTS),
+    "polyrelu-glu-no-bias": (
+        dict(activation="polyrelu", gated=True, bias=False),
+        [h.Layout(tp=2), h.Layout(tp=4, sp=True)],
+    ),
+}
 
 
-def _all_layouts(rank, world_size, activation, config_overrides, layouts=tuple(LAYOUTS)):
+def _all_layouts(rank, world_size, form, config_overrides, layouts=tuple(LAYOUTS)):
     from polycom_megatron.config import PolyComConfig
 
-    polycom = PolyComConfig(activation=activation)
+    polycom = PolyComConfig(**form)
     results = {}
     for layout in (h.Layout(tp=1),) + tuple(layouts):
         results[str(layout)] = h.run_layout(layout, polycom, steps=2, **config_overrides)
@@ -38,9 +50,13 @@ def _check(results):
     assert coeffs and all(base["grads"][k].abs().sum() > 0 for k in coeffs)
 
 
-@pytest.mark.parametrize("activation", ["polynorm", "polyrelu"])
-def test_same_model_at_every_tp_size(activation):
-    _check(run_distributed(_all_layouts, 4, activation, {}, timeout_s=600))
+@pytest.mark.parametrize("form", list(FORMS))
+def test_same_model_at_every_tp_size(form):
+    kwargs, layouts = FORMS[form]
+    results = run_distributed(_all_layouts, 4, kwargs, {}, tuple(layouts), timeout_s=600)
+    fc1 = results[str(h.Layout(tp=1))]["grads"]["decoder.layers.0.mlp.linear_fc1.weight"]
+    assert fc1.shape[0] == (2 if kwargs.get("gated") else 1) * 48  # [gate; up] when gated
+    _check(results)
 
 
 @pytest.mark.parametrize(
@@ -53,4 +69,5 @@ def test_same_model_at_every_tp_size(activation):
 )
 def test_same_model_with_activation_recompute(recompute):
     layouts = (h.Layout(tp=2, sp=True),)
-    _check(run_distributed(_all_layouts, 2, "polynorm", recompute, layouts, timeout_s=600))
+    form = dict(activation="polynorm")
+    _check(run_distributed(_all_layouts, 2, form, recompute, layouts, timeout_s=600))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kernel_checks import saved_storages, within_one_ulp
 
 from polycom_megatron.ops import polynorm, polynorm_reference, polyrelu, polyrelu_reference
 
@@ -81,9 +82,7 @@ def test_low_precision_input_computes_in_fp32(op, reference, dtype):
     assert got.dtype == dtype
     # Computed in fp32 and rounded once at the end: within one output ulp of the fp32 result
     # (summation order differs between kernels, so a tie may round either way).
-    want = reference(x.float(), weight, bias)
-    ulp = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny)
-    assert ((got.float() - want).abs() <= ulp).all()
+    within_one_ulp(got, reference(x.float(), weight, bias))
 
 
 def test_weight_layout_is_highest_power_first():
@@ -110,14 +109,7 @@ def test_saves_only_input_and_row_statistics(op, _):
     rows, n, order = 256, 512, 3
     x = torch.randn(rows, n, dtype=torch.bfloat16, requires_grad=True)
     weight, bias = (torch.nn.Parameter(t) for t in _coeffs(order))
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        op(x, weight, bias).sum().backward()
+    saved = saved_storages(lambda: op(x, weight, bias).sum().backward())
     total = sum(saved.values())
     extra = total - x.untyped_storage().nbytes()
     print(f"{op.__name__}: {total / x.numel():.3f} bytes saved per input element")

@@ -13,9 +13,17 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_checks import close, make_inputs as _make_inputs  # noqa: E402
+from kernel_checks import (  # noqa: E402
+    check_against,
+    check_grouped,
+    check_polynorm_pieces,
+    close,
+    make_inputs as _make_inputs,
+    use_path,
+)
 
 from polycom_megatron.ops import polynorm_triton as pt  # noqa: E402
+from polycom_megatron.ops import triton_common as tc  # noqa: E402
 from polycom_megatron.ops.common import coeff_table  # noqa: E402
 from polycom_megatron.ops.polynorm import (  # noqa: E402
     PolyNormFunction,
@@ -34,9 +42,6 @@ if DEVICE.type == "cpu" and not pt.interpreted():
         "sets it); they would try to compile for a GPU", pytrace=False
     )
 
-# Output tolerance (relative to the largest reference value) per I/O dtype.
-OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
-
 
 SMALL_PATHS = ["two_pass", "split"]
 ALL_PATHS = ["default"] + SMALL_PATHS
@@ -46,42 +51,8 @@ def make_inputs(rows, n, order, dtype, experts=None, seed=0):
     return _make_inputs(rows, n, order, dtype, DEVICE, experts, seed)
 
 
-def use_path(monkeypatch, path):
-    """Launch configuration; the small ones send widths > 32 through multi-block code."""
-    if path != "default":
-        monkeypatch.setattr(pt, "WHOLE_ROW_MAX", 32)
-        monkeypatch.setattr(pt, "CHUNK_SIZES", (32,))
-        monkeypatch.setattr(pt, "TILE", 64)
-        programs = 1 if path == "two_pass" else 1024
-        monkeypatch.setattr(pt, "target_programs", lambda device: programs)
-
-
 def check_pieces(x, dy, coeffs, sets, order):
-    """Every kernel-set method, Triton vs PyTorch, on the same inputs."""
-    rows, n = x.shape
-    tol = OUT_TOL[x.dtype]
-    moments = T.moments(x, order)
-    close(K.moments(x, order), moments, 1e-5, "moments")
-    inv_rms = torch.rsqrt(moments / n + EPS)
-    close(K.forward(x, inv_rms, coeffs, sets), T.forward(x, inv_rms, coeffs, sets), tol, "forward")
-    dots = T.backward_dots(x, dy, order)
-    close(K.backward_dots(x, dy, order), dots, 1e-5, "backward_dots")
-    dx = T.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n)
-    close(K.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n), dx, tol, "backward_dx")
-    # The TP form: the statistics cover 2n columns (as if another rank held the rest).
-    close(
-        K.backward_dx(x, dy, inv_rms, dots, coeffs, sets, 2 * n),
-        T.backward_dx(x, dy, inv_rms, dots, coeffs, sets, 2 * n),
-        tol,
-        "backward_dx (n_total = 2n)",
-    )
-
-    y_f, inv_f = K.forward_fused(x, coeffs, sets, EPS)
-    close(inv_f, inv_rms, 1e-5, "forward_fused inv_rms")
-    close(y_f, T.forward(x, inv_rms, coeffs, sets), tol, "forward_fused y")
-    dx_f, dots_f = K.backward_fused(x, dy, inv_rms, coeffs, sets, n)
-    close(dots_f, dots, 1e-5, "backward_fused dots")
-    close(dx_f, dx, tol, "backward_fused dx")
+    check_polynorm_pieces(K, T, x, dy, coeffs, sets, order, EPS)
 
 
 FP32, BF16 = torch.float32, torch.bfloat16
@@ -125,22 +96,6 @@ def test_pieces_rows_wider_than_a_block(rows, n, order, dtype):
     check_pieces(x, dy, coeffs, sets, order)
 
 
-def grads(fn, x, weight, bias, dy):
-    x = x.detach().requires_grad_()
-    weight = weight.detach().requires_grad_()
-    bias = bias.detach().requires_grad_()
-    y = fn(x, weight, bias)
-    gx, gw, gb = torch.autograd.grad(y, (x, weight, bias), dy)
-    return y, gx, gw, gb
-
-
-def check_against(fn, ref, x, weight, bias, dy, dtype):
-    tol = OUT_TOL[dtype]
-    got, want = grads(fn, x, weight, bias, dy), grads(ref, x, weight, bias, dy)
-    for name, a, b, t in zip(("y", "dx", "dweight", "dbias"), got, want, (tol, tol, 1e-4, 1e-4)):
-        close(a, b, t, name)
-
-
 @DTYPES
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("shape", [(2, 3, 33), (5, 100), (4, 1)], ids=str)
@@ -164,7 +119,7 @@ def check_polynorm(shape, order, dtype):
     check_against(
         lambda x, w, b: polynorm(x, w, b, EPS, kernel="triton"),
         lambda x, w, b: polynorm_reference(x, w, b, EPS),
-        x, weight, bias, dy, dtype,
+        x, weight, bias, dy,
     )
 
 
@@ -193,18 +148,8 @@ def test_function_tensor_parallel_path_matches_reference(monkeypatch, path, orde
             x, w, b, EPS, None, None, _TritonTensorParallelPieces
         ),
         lambda x, w, b: polynorm_reference(x, w, b, EPS),
-        x, weight, bias, dy, dtype,
+        x, weight, bias, dy,
     )
-
-
-def per_expert_reference(tokens_per_expert):
-    def ref(x, weight, bias):
-        parts = x.split(tokens_per_expert)
-        return torch.cat(
-            [polynorm_reference(p, weight[e], bias[e], EPS) for e, p in enumerate(parts)]
-        )
-
-    return ref
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
@@ -212,23 +157,7 @@ def per_expert_reference(tokens_per_expert):
 @pytest.mark.parametrize("tokens_per_expert", [[3, 0, 2, 1], [0, 0, 4, 0], [0, 0, 0, 0]], ids=str)
 def test_grouped_polynorm_per_expert_coefficients(monkeypatch, path, tokens_per_expert, dtype):
     use_path(monkeypatch, path)
-    order, experts, rows = 3, len(tokens_per_expert), sum(tokens_per_expert)
-    gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 40, generator=gen).to(DEVICE, dtype)
-    dy = torch.randn(rows, 40, generator=gen).to(DEVICE, dtype)
-    weight = torch.randn(experts, order, generator=gen).to(DEVICE) * 0.5
-    bias = torch.randn(experts, 1, generator=gen).to(DEVICE)
-
-    def ours(kernel):
-        return lambda x, w, b: polynorm(
-            x, w, b, EPS, tokens_per_expert=tokens_per_expert, kernel=kernel
-        )
-
-    check_against(
-        ours("triton"), per_expert_reference(tokens_per_expert), x, weight, bias, dy, dtype
-    )
-    # The same through the PyTorch kernel set.
-    check_against(ours("triton"), ours("torch"), x, weight, bias, dy, dtype)
+    check_grouped(polynorm, polynorm_reference, tokens_per_expert, dtype, DEVICE)
 
 
 def test_zero_rows():
@@ -253,16 +182,16 @@ def test_float64_and_high_orders_fall_back_to_torch():
     y, inv = K.forward_fused(x, coeffs, None, EPS)
     assert y.dtype == torch.float64 and inv.dtype == torch.float64
     close(y, T.forward(x, inv, coeffs, None), 1e-12, "float64")
-    order = pt.MAX_ORDER + 1
+    order = tc.MAX_ORDER + 1
     x32 = x.float()
     close(K.moments(x32, order), T.moments(x32, order), 1e-6, "order above MAX_ORDER")
 
 
 def test_plans_are_sane():
     # Whole rows up to WHOLE_ROW_MAX; wider rows loop over blocks that waste <= 1/8.
-    bm, bn, single = pt.row_tile(8192, 1536, pt.WHOLE_ROW_MAX)
-    assert single and bn == 2048 and bm * bn <= max(pt.TILE, bn)
-    bm, bn, single = pt.row_tile(8192, 8256, pt.WHOLE_ROW_MAX)
+    bm, bn, single = tc.row_tile(8192, 1536, tc.WHOLE_ROW_MAX)
+    assert single and bn == 2048 and bm * bn <= max(tc.TILE, bn)
+    bm, bn, single = tc.row_tile(8192, 8256, tc.WHOLE_ROW_MAX)
     assert not single and bm == 1 and (-(-8256 // bn) * bn - 8256) <= 8256 // 8
-    assert pt.kp(3) == 4 and pt.kp(4) == 8
-    assert 1 <= pt.warps(64) and pt.warps(1 << 20) <= 32
+    assert tc.kp(3) == 4 and tc.kp(4) == 8
+    assert 1 <= tc.warps(64) and tc.warps(1 << 20) <= 32

@@ -10,7 +10,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_checks import close, make_inputs  # noqa: E402
+from kernel_checks import (  # noqa: E402
+    OUT_TOL,
+    check_against,
+    check_grouped,
+    close,
+    make_inputs,
+    use_path,
+)
 
 from polycom_megatron.ops import polynorm_triton as pt  # noqa: E402
 from polycom_megatron.ops.polyrelu import (  # noqa: E402
@@ -24,7 +31,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 K, T = TritonPolyReLUKernels, TorchPolyReLUKernels
 FP32, BF16 = torch.float32, torch.bfloat16
 DTYPES = pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
-OUT_TOL = {FP32: 2e-5, BF16: 2e-2}
 SMALL_PATHS = ["two_pass", "split"]
 ALL_PATHS = ["default"] + SMALL_PATHS
 
@@ -33,14 +39,6 @@ if DEVICE.type == "cpu" and not pt.interpreted():
         "Triton kernels were defined before TRITON_INTERPRET=1 was set (tests/conftest.py "
         "sets it); they would try to compile for a GPU", pytrace=False
     )
-
-
-def use_path(monkeypatch, path):
-    if path != "default":
-        monkeypatch.setattr(pt, "CHUNK_SIZES", (32,))
-        monkeypatch.setattr(pt, "TILE", 64)
-        programs = 1 if path == "two_pass" else 1024
-        monkeypatch.setattr(pt, "target_programs", lambda device: programs)
 
 
 def check_pieces(rows, n, order, dtype, experts=None, seed=0):
@@ -82,21 +80,6 @@ def test_pieces_rows_wider_than_a_block(rows, n, order, experts, dtype):
     check_pieces(rows, n, order, dtype, experts=experts, seed=n)
 
 
-def grads(fn, x, weight, bias, dy):
-    x = x.detach().requires_grad_()
-    weight = weight.detach().requires_grad_()
-    bias = bias.detach().requires_grad_()
-    y = fn(x, weight, bias)
-    return (y,) + torch.autograd.grad(y, (x, weight, bias), dy)
-
-
-def check_against(fn, ref, x, weight, bias, dy, dtype):
-    tol = OUT_TOL[dtype]
-    got, want = grads(fn, x, weight, bias, dy), grads(ref, x, weight, bias, dy)
-    for name, a, b, t in zip(("y", "dx", "dweight", "dbias"), got, want, (tol, tol, 1e-4, 1e-4)):
-        close(a, b, t, name)
-
-
 @pytest.mark.parametrize("path", ["default", "split"])
 @DTYPES
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
@@ -109,7 +92,7 @@ def test_polyrelu_matches_reference(monkeypatch, path, order, dtype):
     bias = torch.randn(1, generator=gen).to(DEVICE)
     check_against(
         lambda x, w, b: polyrelu(x, w, b, kernel="triton"), polyrelu_reference,
-        x, weight, bias, dy, dtype,
+        x, weight, bias, dy,
     )
 
 
@@ -118,22 +101,7 @@ def test_polyrelu_matches_reference(monkeypatch, path, order, dtype):
 @pytest.mark.parametrize("tokens_per_expert", [[3, 0, 2, 1], [0, 0, 4, 0], [0, 0, 0]], ids=str)
 def test_grouped_polyrelu_per_expert_coefficients(monkeypatch, path, tokens_per_expert, dtype):
     use_path(monkeypatch, path)
-    order, experts, rows = 3, len(tokens_per_expert), sum(tokens_per_expert)
-    gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 40, generator=gen).to(DEVICE, dtype)
-    dy = torch.randn(rows, 40, generator=gen).to(DEVICE, dtype)
-    weight = torch.randn(experts, order, generator=gen).to(DEVICE) * 0.5
-    bias = torch.randn(experts, 1, generator=gen).to(DEVICE)
-
-    def ref(x, w, b):
-        parts = x.split(tokens_per_expert)
-        return torch.cat([polyrelu_reference(p, w[e], b[e]) for e, p in enumerate(parts)])
-
-    def ours(kernel):
-        return lambda x, w, b: polyrelu(x, w, b, tokens_per_expert=tokens_per_expert, kernel=kernel)
-
-    check_against(ours("triton"), ref, x, weight, bias, dy, dtype)
-    check_against(ours("triton"), ours("torch"), x, weight, bias, dy, dtype)
+    check_grouped(polyrelu, polyrelu_reference, tokens_per_expert, dtype, DEVICE)
 
 
 def test_zero_rows():

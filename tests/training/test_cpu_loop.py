@@ -7,6 +7,7 @@ DDP, optimizer, scheduler, schedule and dist_checkpointing, on spawned ranks wit
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,26 @@ def test_bad_layouts_are_refused_before_any_rank_starts(flags, message, tmp_path
 def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
     assert cpu_loop.main(["--output-dir", str(tmp_path), "--resume"]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_train_cpu_command_trains_the_gated_form(data_dir, tmp_path):
+    """``polycom-megatron train-cpu --polycom-gated``, as a user runs it: a PolyNorm-GLU
+    MoE GPT (second order, as the --pnglu form) on EP=2; exit code 0, the loss falls."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("polycom-megatron", path=str(Path(sys.executable).parent))
+    assert exe, "the polycom-megatron executable is installed next to this Python"
+    argv = [exe, "train-cpu", "--output-dir", str(tmp_path), "--data-dir", str(data_dir),
+            "--steps", "6", "--world-size", "2", "--tp", "1", "--ep", "2", "--num-experts", "4",
+            "--hidden", "64", "--heads", "4", "--seq-len", "64", "--micro-batch", "2",
+            "--global-batch", "8", "--lr", "1e-2", "--vocab-size", "1024", "--log-interval", "1",
+            "--polycom-activation", "polynorm", "--polycom-gated", "--polycom-order", "2"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "polynorm-glu" in done.stdout
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", done.stdout)]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_iteration"] == 6

@@ -60,6 +60,18 @@ def test_gated_units_are_refused_with_polycom(glu):
         prepare_argv(MEGATRON_ARGS + [glu, "--polycom-activation", "polynorm"])
 
 
+def test_gated_form_keeps_fusion_off_and_refuses_a_second_gated_unit(capsys):
+    argv = MEGATRON_ARGS + ["--polycom-activation", "polynorm", "--polycom-gated"]
+    megatron_argv, polycom = prepare_argv(argv)
+    assert polycom == PolyComConfig(activation="polynorm", gated=True)
+    assert megatron_argv == argv + list(NO_FUSION_FLAGS)
+    assert "polynorm-glu: bias-activation fusion is off" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--polycom-gated: both choose the gate's activation"):
+        prepare_argv(argv + ["--swiglu"])
+    with pytest.raises(ValueError, match="--polycom-gated needs a PolyCom activation"):
+        prepare_argv(MEGATRON_ARGS + ["--polycom-gated"])
+
+
 def test_main_reports_bad_polycom_flags_before_anything_starts(capsys):
     assert pretrain.main(MEGATRON_ARGS + ["--polycom-activation", "polynorm", "--swiglu"]) == 2
     assert "--swiglu cannot be combined" in capsys.readouterr().err
@@ -166,6 +178,8 @@ def _describe(model):
         has_embedding=hasattr(model, "embedding"),
         has_output_layer=hasattr(model, "output_layer"),
         described=pretrain.describe_mlps(model),
+        fc1_rows=[layer.mlp.linear_fc1.weight.shape[0] for layer in layers
+                  if hasattr(layer.mlp, "linear_fc1")],
     )
     if out["has_output_layer"]:
         out["output_rows"] = model.output_layer.weight.shape[0]
@@ -209,6 +223,18 @@ def test_provider_builds_polycom_mlps_from_the_flags():
     # Pipeline stages: the first has the embedding only, the last the output layer only.
     assert built[(True, False)]["has_embedding"] and not built[(True, False)]["has_output_layer"]
     assert built[(False, True)]["has_output_layer"] and not built[(False, True)]["has_embedding"]
+
+
+def test_provider_turns_on_the_gated_unit_for_the_gated_form():
+    """--polycom-gated alone (no --swiglu) gives PolyNorm-GLU MLPs on a [gate; up] fc1."""
+    full = build_from_args(["--polycom-activation", "polynorm", "--polycom-gated",
+                            "--polycom-no-bias"])[(True, True)]
+    assert full["mlp"] == ["PolyComMLP", "PolyComMLP"]
+    assert all("polynorm-glu" in a and "bias=False" in a for a in full["activation"]), full
+    assert full["fc1_rows"] == [2 * 48, 2 * 48]  # harness FFN width 48: gate and up
+    assert full["loss_shape"] == (h.BATCH, h.SEQ)
+    plain = build_from_args(["--polycom-activation", "polynorm"])[(True, True)]
+    assert plain["fc1_rows"] == [48, 48]
 
 
 def test_provider_without_polycom_builds_the_stock_mlp():
