@@ -238,7 +238,6 @@ def train_cpu_flags(hf, tp: int, pp: int, ep: int) -> Optional[list]:
                          and hf.moe_router_score_function == "softmax"
                          and not hf.moe_router_pre_softmax and not hf.moe_router_enable_expert_bias
                          and hf.moe_intermediate_size == hf.intermediate_size))
-        and not hf.polycom_gated and hf.polycom_bias
     )
     if not expressible:
         return None
@@ -249,6 +248,8 @@ def train_cpu_flags(hf, tp: int, pp: int, ep: int) -> Optional[list]:
         "--polycom-activation", hf.polycom_activation, "--polycom-order", str(hf.polycom_order),
         "--polycom-eps", str(hf.polycom_eps), "--num-experts", str(hf.num_experts or 0),
     ]
+    flags += ["--polycom-gated"] if hf.polycom_gated else []
+    flags += [] if hf.polycom_bias else ["--polycom-no-bias"]
     if moe:
         flags += ["--ep", str(ep), "--moe-top-k", str(hf.moe_router_topk),
                   "--polycom-coeff-mode", hf.polycom_coeff_mode]

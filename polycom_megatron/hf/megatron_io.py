@@ -132,6 +132,8 @@ def _from_megatron_args(args: argparse.Namespace) -> Tuple[MegatronModel, Option
     if not getattr(args, "group_query_attention", False):
         transformer["num_query_groups"] = None
     polycom = PolyComConfig.from_args(args)
+    # --swiglu is refused with PolyCom; --polycom-gated turns the gated unit on instead.
+    transformer["gated_linear_unit"] = bool(getattr(polycom, "gated", False))
     gpt = dict(
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,

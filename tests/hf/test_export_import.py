@@ -5,9 +5,9 @@ Three trained fixtures, one per model kind, each a real distributed checkpoint:
 * dense PolyNorm, trained by ``train-cpu`` at TP=2 x PP=2;
 * dense PolyReLU, trained by ``train-cpu`` at TP=2 x DP=2;
 * MoE PolyNorm (a dense layer, then an MoE layer with 4 experts top-2 and a shared expert,
-  grouped-query attention), in both coefficient modes, trained at TP=2 (SP) x EP=2 by the
-  MoE harness and saved as Megatron-LM's ``pretrain`` saves (its ``args`` in the
-  checkpoint's common state).
+  grouped-query attention), in both coefficient modes and in the gated form without a0,
+  trained at TP=2 (SP) x EP=2 by the MoE harness and saved as Megatron-LM's ``pretrain``
+  saves (its ``args`` in the checkpoint's common state).
 
 For each, the installed ``polycom-megatron export-hf`` writes a transformers directory;
 its logits equal the Megatron model's (run at the training layout through Megatron's
@@ -119,6 +119,12 @@ def dense_polyrelu(tmp_path_factory, data_dir):
 
 MOE_LAYOUT = h.Layout(tp=2, sp=True, ep=2)
 MOE_OVERRIDES = dict(num_query_groups=2)
+MOE_KINDS = {
+    "layer": PolyComConfig(activation="polynorm", coeff_mode="layer"),
+    "expert": PolyComConfig(activation="polynorm", coeff_mode="expert"),
+    # The gated form (fc1 = [gate; up], sharded over TP as Megatron's GLU), no a0 term.
+    "gated": PolyComConfig(activation="polynorm", coeff_mode="expert", gated=True, bias=False),
+}
 
 
 def megatron_lm_args(config, polycom, vocab_size, seq):
@@ -128,9 +134,12 @@ def megatron_lm_args(config, polycom, vocab_size, seq):
 
     args = add_polycom_args(argparse.ArgumentParser()).parse_args([
         "--polycom-activation", polycom.activation, "--polycom-coeff-mode", polycom.coeff_mode,
+        *(["--polycom-gated"] if polycom.gated else []),
+        *(["--polycom-no-bias"] if not polycom.bias else []),
     ])
     for name in MODEL_FIELDS:
         setattr(args, _ARG_NAMES.get(name, name), getattr(config, name))
+    args.swiglu = False  # refused with PolyCom; --polycom-gated sets the gated unit
     args.group_query_attention = config.num_query_groups is not None
     args.padded_vocab_size = vocab_size
     args.max_position_embeddings = seq
@@ -150,9 +159,9 @@ def _train_moe_and_reference(rank, world_size, root, tokens):
     from polycom_megatron.training.checkpoint import TRACKER_FILE, iteration_dir
 
     out = {}
-    for mode in ("layer", "expert"):
-        polycom = PolyComConfig(activation="polynorm", coeff_mode=mode)
-        config, ddp, optimizer = mh.build(MOE_LAYOUT, polycom, **MOE_OVERRIDES)
+    for mode, polycom in MOE_KINDS.items():
+        overrides = dict(MOE_OVERRIDES, gated_linear_unit=polycom.gated)
+        config, ddp, optimizer = mh.build(MOE_LAYOUT, polycom, **overrides)
         for step in range(2):
             mh.train_step(ddp, optimizer, step)
         path = iteration_dir(os.path.join(root, mode), 2)
@@ -268,23 +277,26 @@ def test_dense_polyrelu_tp2_exports_exactly_and_resumes_after_import(
 def moe_exports(moe, tmp_path_factory):
     root, _, _ = moe
     out = {}
-    for mode in ("layer", "expert"):
+    for mode in MOE_KINDS:
         out[mode] = tmp_path_factory.mktemp(f"hf-{mode}")
         run = cli("export-hf", Path(root) / mode, out[mode], "--no-tokenizer", "--overwrite")
         assert "MoE 4 experts top-2 (1 of 2 layers)" in run.stdout
     return out
 
 
-@pytest.mark.parametrize("mode", ["layer", "expert"])
+@pytest.mark.parametrize("mode", list(MOE_KINDS))
 def test_moe_tp2_ep2_exports_exactly(moe, moe_exports, mode, tmp_path):
     root, tokens, refs = moe
     out = moe_exports[mode]
     config = json.loads((out / "config.json").read_text())
+    polycom = MOE_KINDS[mode]
     assert config["moe_shared_expert_intermediate_size"] == 16
-    assert config["num_key_value_heads"] == 2 and config["polycom_coeff_mode"] == mode
+    assert config["num_key_value_heads"] == 2
+    assert config["polycom_coeff_mode"] == polycom.coeff_mode
+    assert (config["polycom_gated"], config["polycom_bias"]) == (polycom.gated, polycom.bias)
     _check_exact(out, tokens, refs[mode], f"MoE polynorm {mode} TP2xEP2")
-    if mode == "expert":
-        _round_trip(out, tmp_path, (1, 1, 4), "moe-expert")
+    if mode == "gated":
+        _round_trip(out, tmp_path, (1, 1, 2), "moe-gated")
 
 
 def test_exported_dir_loads_with_only_torch_and_transformers(moe, moe_exports, tmp_path):
@@ -293,7 +305,7 @@ def test_exported_dir_loads_with_only_torch_and_transformers(moe, moe_exports, t
     protobuf loads the directory with trust_remote_code and generates, matching the
     Megatron model."""
     root, tokens, refs = moe
-    out = moe_exports["expert"]
+    out = moe_exports["gated"]
     script = tmp_path / "load.py"
     script.write_text(f'''
 import importlib.abc, sys
@@ -324,7 +336,7 @@ print(type(model).__module__)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "transformers_modules" in run.stdout, "the model came from the directory's own code"
     logits, greedy = torch.load(tmp_path / "out.pt")
-    ref_logits, ref_greedy = refs["expert"]
+    ref_logits, ref_greedy = refs["gated"]
     assert max_relative_error(logits, ref_logits) <= RTOL
     assert greedy == ref_greedy
 
