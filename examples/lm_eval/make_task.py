@@ -15,7 +15,7 @@ Then, with lm_eval installed (``pip install lm_eval``; it needs only the exporte
 not polycom-megatron, thanks to trust_remote_code):
 
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
-        --model_args pretrained=EXPORTED_DIR,trust_remote_code=True,dtype=float32 \\
+        --model_args pretrained=EXPORTED_DIR,trust_remote_code=True,dtype=float32,max_length=512 \\
         --tasks next_words,rolling_ppl --include_path OUT_DIR --device cpu --batch_size 4
 
 Documents are taken from the end of the corpus (a run that trained on all of it has seen

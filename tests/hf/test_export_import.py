@@ -258,6 +258,20 @@ def test_dense_polyrelu_tp2_exports_exactly_and_resumes_after_import(
     tokens = dense_tokens()
     _check_exact(out, tokens, run_distributed(_reference, 4, job.checkpoint_dir, 2, 1, 1, tokens,
                                               timeout_s=DEADLINE_S), "dense polyrelu TP2")
+    # Perplexity on held-out text and on the indexed dataset, through the installed command.
+    text = tmp_path / "held_out.txt"
+    text.write_text(json.loads((data_dir / "pydoc_corpus.jsonl").read_text().splitlines()[-1])["text"])
+    run = cli("perplexity", out, "--text", text, "--seq-len", 32, "--max-tokens", 256)
+    from polycom_megatron.hf import perplexity
+    from polycom_megatron.hf.sample import load
+
+    model, tokenizer = load(out)
+    want = perplexity.evaluate(model, perplexity.text_tokens(tokenizer, text)[:256], 32)
+    assert run.stdout.startswith("perplexity ")
+    assert float(run.stdout.split()[1]) == pytest.approx(want.perplexity, rel=1e-4)
+    run = cli("perplexity", out, "--data-prefix", data_dir / "corpus_text_document",
+              "--seq-len", 32, "--max-tokens", 256)
+    assert "over 248 predicted tokens in 8 windows" in run.stdout
     # Back into Megatron at TP=2 on 2 ranks, and train-cpu continues from it.
     run = cli("import-hf", out, tmp_path / "resumed" / "checkpoints", "--tp", "2")
     assert "continue with: polycom-megatron train-cpu --resume" in run.stdout
