@@ -313,22 +313,38 @@ def test_moe_tp2_ep2_exports_exactly(moe, moe_exports, mode, tmp_path):
         _round_trip(out, tmp_path, (1, 1, 2), "moe-gated")
 
 
+# What an exported directory must not need: this package, Megatron, the tokenizer
+# converter's dependencies.
+NOT_NEEDED = ("polycom_megatron", "megatron", "megatron_core", "sentencepiece", "google",
+              "protobuf", "triton")
+
+
+def _site_without(blocked, target: Path) -> Path:
+    """A copy (by symlinks) of this environment's site-packages without the blocked
+    distributions, so that they are as absent as in an environment that never had them."""
+    target.mkdir()
+    for site in {p for p in sys.path if p.endswith("site-packages")}:
+        for entry in Path(site).iterdir():
+            top = entry.name.split(".")[0].split("-")[0].lower()
+            if top in blocked or entry.suffix == ".pth" or top.startswith("__editable__"):
+                continue
+            if not (target / entry.name).exists():
+                (target / entry.name).symlink_to(entry)
+    return target
+
+
 def test_exported_dir_loads_with_only_torch_and_transformers(moe, moe_exports, tmp_path):
-    """A fresh interpreter (-I: no site customisation, no .pth files, so not this package's
-    editable install) that refuses to import polycom_megatron, megatron, sentencepiece or
-    protobuf loads the directory with trust_remote_code and generates, matching the
-    Megatron model."""
+    """A fresh interpreter (-I: no user site, no .pth files) whose only library directory is
+    this environment's site-packages minus polycom_megatron, megatron-core, sentencepiece,
+    protobuf and triton loads the gated MoE export with trust_remote_code and generates:
+    the same logits and greedy tokens as the Megatron model."""
     root, tokens, refs = moe
     out = moe_exports["gated"]
-    script = tmp_path / "load.py"
-    script.write_text(f'''
-import importlib.abc, sys
-BLOCKED = ("polycom_megatron", "megatron", "sentencepiece", "google")
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
+    site = _site_without(NOT_NEEDED, tmp_path / "site")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = f"""
+import sys
+sys.path[:0] = [{str(site)!r}]
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
@@ -338,17 +354,15 @@ with torch.no_grad():
     greedy = model.generate(torch.tensor([{PROMPT}]), max_new_tokens={NEW_TOKENS},
                             min_new_tokens={NEW_TOKENS}, do_sample=False, pad_token_id=0)
 torch.save((logits, greedy[0].tolist()), {str(tmp_path / "out.pt")!r})
-print(type(model).__module__)
-''')
-    torch.save(tokens, tmp_path / "tokens.pt")
-    site = [p for p in sys.path if p.endswith("site-packages")]
-    env = {"PYTHONPATH": os.pathsep.join(site), "HF_HUB_OFFLINE": "1", "PATH": os.environ["PATH"],
-           "HOME": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-I", "-c",
-                          f"import sys; sys.path[:0] = {site!r}; exec(open({str(script)!r}).read())"],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({NOT_NEEDED!r}))
+print(type(model).__module__, "not-needed modules loaded:", loaded)
+"""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "transformers_modules" in run.stdout, "the model came from the directory's own code"
+    assert "not-needed modules loaded: []" in run.stdout
     logits, greedy = torch.load(tmp_path / "out.pt")
     ref_logits, ref_greedy = refs["gated"]
     assert max_relative_error(logits, ref_logits) <= RTOL
