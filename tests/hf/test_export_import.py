@@ -224,7 +224,8 @@ def _round_trip(model_dir, tmp_path, layout, label):
     ckpt = tmp_path / f"{label}-reimported" / "checkpoints"
     cli("import-hf", model_dir, ckpt, "--tp", tp, "--pp", pp, "--ep", ep)
     again = tmp_path / f"{label}-again"
-    cli("export-hf", ckpt, again, *(["--no-tokenizer"] if not (Path(model_dir) / "tokenizer.json").is_file() else []))
+    no_tokenizer = not (Path(model_dir) / "tokenizer.json").is_file()
+    cli("export-hf", ckpt, again, *(["--no-tokenizer"] if no_tokenizer else []))
     first, second = safetensors_state(model_dir), safetensors_state(again)
     assert first.keys() == second.keys()
     for name in first:
@@ -232,7 +233,8 @@ def _round_trip(model_dir, tmp_path, layout, label):
     a = json.loads((Path(model_dir) / "config.json").read_text())
     b = json.loads((again / "config.json").read_text())
     drop = {"transformers_version"}
-    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    assert {k: v for k, v in a.items() if k not in drop} == (
+        {k: v for k, v in b.items() if k not in drop})
     return ckpt
 
 
@@ -260,7 +262,8 @@ def test_dense_polyrelu_tp2_exports_exactly_and_resumes_after_import(
                                               timeout_s=DEADLINE_S), "dense polyrelu TP2")
     # Perplexity on held-out text and on the indexed dataset, through the installed command.
     text = tmp_path / "held_out.txt"
-    text.write_text(json.loads((data_dir / "pydoc_corpus.jsonl").read_text().splitlines()[-1])["text"])
+    last = (data_dir / "pydoc_corpus.jsonl").read_text().splitlines()[-1]
+    text.write_text(json.loads(last)["text"])
     run = cli("perplexity", out, "--text", text, "--seq-len", 32, "--max-tokens", 256)
     from polycom_megatron.hf import perplexity
     from polycom_megatron.hf.sample import load
@@ -334,7 +337,8 @@ def _site_without(blocked, target: Path) -> Path:
 
 
 def test_exported_dir_loads_with_only_torch_and_transformers(moe, moe_exports, tmp_path):
-    """A fresh interpreter (-I: no user site, no .pth files) whose only library directory is
+    """A fresh interpreter (-I -S: no site module, so no site-packages, no .pth files, no
+    environment variables) whose only library directory is
     this environment's site-packages minus polycom_megatron, megatron-core, sentencepiece,
     protobuf and triton loads the gated MoE export with trust_remote_code and generates:
     the same logits and greedy tokens as the Megatron model."""
@@ -344,6 +348,7 @@ def test_exported_dir_loads_with_only_torch_and_transformers(moe, moe_exports, t
     torch.save(tokens, tmp_path / "tokens.pt")
     script = f"""
 import sys
+assert not any(p.endswith("site-packages") for p in sys.path), sys.path
 sys.path[:0] = [{str(site)!r}]
 import torch
 from transformers import AutoModelForCausalLM
@@ -358,8 +363,8 @@ loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({NOT_NEEDED!r}))
 print(type(model).__module__, "not-needed modules loaded:", loaded)
 """
     env = {"HF_HUB_OFFLINE": "1", "PATH": os.environ["PATH"], "HOME": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=tmp_path)
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "transformers_modules" in run.stdout, "the model came from the directory's own code"
     assert "not-needed modules loaded: []" in run.stdout
