@@ -1,10 +1,10 @@
 """The ``polycom-megatron`` command: one entry point, one module per subcommand.
 
-Each subcommand is a module with ``main(argv) -> int``; this file only routes to it,
-so adding a subcommand never touches another one's code. It also keeps the promise every
-subcommand makes: exit status 0 on success, and on failure a non-zero status with one
-line on stderr, never a traceback (``POLYCOM_DEBUG=1`` shows it); Ctrl-C is one line and
-status 130.
+Each subcommand is a module with ``main(argv) -> int`` (or names ``module:function``);
+this file only routes to it, so adding a subcommand never touches another one's code. It
+also keeps the promise every subcommand makes: exit status 0 on success, and on failure a
+non-zero status with one line on stderr, never a traceback (``POLYCOM_DEBUG=1`` shows it);
+Ctrl-C is one line and status 130.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ SUBCOMMANDS = {
     "bench": ("polycom_megatron.bench.throughput", "tokens/s: PolyCom vs SwiGLU, layer and model"),
     "bench-kernels": ("polycom_megatron.bench.kernels", "fused-kernel timings vs references"),
     "patch": ("polycom_megatron.patching", "apply/check the Megatron-LM patches"),
+    "export-hf": ("polycom_megatron.hf.cli:export_main", "Megatron checkpoint -> transformers model"),
+    "import-hf": ("polycom_megatron.hf.cli:import_main", "transformers model -> Megatron checkpoint"),
+    "perplexity": ("polycom_megatron.hf.perplexity", "perplexity of an exported model on text/data"),
 }
 DEBUG_VARIABLE = "POLYCOM_DEBUG"
 # What a shell reports for a process ended by SIGINT (128 + 2).
@@ -56,10 +59,11 @@ def run(name: str, argv) -> int:
     """Run subcommand ``name`` with ``argv``; its exit status (see the module docstring)."""
     prog = f"polycom-megatron {name}"
     try:
-        module = importlib.import_module(SUBCOMMANDS[name][0])
-        status = module.main(list(argv))
+        module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+        entry = getattr(importlib.import_module(module_name), function or "main")
+        status = entry(list(argv))
         if status is not None and not isinstance(status, int):
-            raise TypeError(f"{SUBCOMMANDS[name][0]}.main returned {type(status).__name__}, "
+            raise TypeError(f"{SUBCOMMANDS[name][0]} returned {type(status).__name__}, "
                             "not an exit status")
         return status or 0
     except SystemExit as exc:  # argparse and the commands' own one-line refusals

@@ -120,6 +120,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _print_error(exc)
         return 1
     print(summary.describe(), flush=True)
+    from polycom_megatron.hf.after_training import export_and_sample
+
+    export_and_sample(job)
     return 0
 
 

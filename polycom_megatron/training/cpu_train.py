@@ -7,6 +7,8 @@ Runs inside a process whose gloo group is already up (see ``cpu_loop``). Rank 0 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -370,7 +372,10 @@ def _global_loss(reports: List[dict]) -> float:
 def _save(job: CpuJob, iteration: int, model, optimizer, scheduler):
     start = time.perf_counter()
     train_state = dict(
-        layout=job.describe_layout(), model=job.describe_model(), steps=job.steps
+        layout=job.describe_layout(), model=job.describe_model(), steps=job.steps,
+        # The whole job (as plain JSON values), so export-hf can rebuild the model from
+        # the checkpoint alone.
+        job=json.loads(json.dumps(dataclasses.asdict(job), default=str)),
     )
     path = checkpoint.save_checkpoint(
         job.checkpoint_dir, iteration, model, optimizer, scheduler, train_state,
