@@ -51,7 +51,11 @@ def read_tracker(root) -> Tuple[Optional[int], Optional[str]]:
         return None, None
     raw = tracker.read_bytes()
     text = raw.decode("ascii", errors="replace").strip()
-    if not text.isdigit() or not raw.endswith(b"\n"):
+    # Ours end with a newline; Megatron-LM's own (pretrain) do not. One of ours that lost
+    # its newline was cut short: "12\n" truncated to "1" would name the wrong checkpoint.
+    cut_short = (not raw.endswith(b"\n") and text.isdigit()
+                 and (Path(root) / f"iter_{int(text):07d}" / MANIFEST_FILE).exists())
+    if not text.isdigit() or cut_short:
         shown = repr(raw[:20]) + ("..." if len(raw) > 20 else "")
         what = "is empty" if not raw else f"holds {shown} instead of an iteration number"
         return None, f"{tracker} is damaged: it {what}"

@@ -61,8 +61,17 @@ def test_the_manifest_must_record_the_tracked_iteration(ckpt):
 
 
 @pytest.mark.parametrize("raw, what", [(b"", "is empty"), (b"5", "holds b'5'"), (b"\x00\n", "holds b'\\x00\\n'")])
-def test_a_damaged_tracker_is_named(tmp_path, raw, what):
-    (tmp_path / integrity.TRACKER_FILE).write_bytes(raw)
-    iteration, problem = integrity.read_tracker(tmp_path)
+def test_a_damaged_tracker_is_named(ckpt, raw, what):
+    # b"5": ours always end with a newline, so next to our manifest it was cut short.
+    root = ckpt.parent
+    (root / integrity.TRACKER_FILE).write_bytes(raw)
+    iteration, problem = integrity.read_tracker(root)
     assert iteration is None
-    assert problem.startswith(f"{tmp_path / integrity.TRACKER_FILE} is damaged: it {what}")
+    assert problem.startswith(f"{root / integrity.TRACKER_FILE} is damaged: it {what}")
+
+
+def test_megatron_lm_trackers_have_no_newline(tmp_path):
+    # Megatron-LM's pretrain writes "5" (no newline) and no manifest of ours.
+    integrity.iteration_dir(tmp_path, 5).mkdir()
+    (tmp_path / integrity.TRACKER_FILE).write_bytes(b"5")
+    assert integrity.read_tracker(tmp_path) == (5, None)
