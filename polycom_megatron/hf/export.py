@@ -201,8 +201,10 @@ def import_hf(hf_dir, checkpoint_root, tp: int = 1, pp: int = 1, ep: int = 1,
             imported_from=str(hf_dir.resolve()),
             tokenizer=str(tokenizer) if tokenizer.is_file() else None,
         )
+        fingerprint = _fingerprint(flags, hf, tokenizer if tokenizer.is_file() else None,
+                                   tp, pp, ep)
         path = run_on_ranks(_save_at_layout, tp * pp * ep, model, staged, checkpoint_root,
-                            tp, pp, ep, train_state)
+                            tp, pp, ep, train_state, fingerprint)
     return Imported(Path(path), convert.describe(hf),
                     f"TP {tp} x PP {pp} x EP {ep} ({tp * pp * ep} ranks)", flags)
 
@@ -256,7 +258,29 @@ def train_cpu_flags(hf, tp: int, pp: int, ep: int) -> Optional[list]:
     return flags
 
 
-def _save_at_layout(model, staged, root, tp, pp, ep, train_state):
+def _fingerprint(flags: Optional[list], hf, tokenizer: Optional[Path], tp: int, pp: int,
+                 ep: int) -> dict:
+    """What the checkpoint's manifest records: the fingerprint of the train-cpu run that
+    ``flags`` (and the tokenizer's vocabulary) describe, so that its ``--resume`` verifies
+    it like one of its own; without such flags, the layout alone (train-cpu then names
+    every flag that differs)."""
+    from polycom_megatron.training import cpu_resume
+    from polycom_megatron.training.cpu_job import build_parser, job_from_args
+
+    if flags is None:
+        layout = dict(world_size=tp * pp * ep, tp=tp, pp=pp, ep=ep)
+        return dict(model=dict(architecture="gpt"), layout=layout, versions={})
+    vocab = hf.vocab_size
+    if tokenizer is not None:
+        import sentencepiece
+
+        vocab = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
+    args = build_parser().parse_args(
+        flags + ["--output-dir", "unused", "--vocab-size", str(vocab)])
+    return cpu_resume.fingerprint(job_from_args(args, experts_available=True))
+
+
+def _save_at_layout(model, staged, root, tp, pp, ep, train_state, fingerprint):
     """On TP x PP x EP ranks: load the staged weights, save a resumable checkpoint."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -278,6 +302,7 @@ def _save_at_layout(model, staged, root, tp, pp, ep, train_state):
     optimizer = get_megatron_optimizer(cpu_train._optimizer_config(defaults), [ddp])
     megatron_io.fresh_optimizer_state(optimizer)
     scheduler = cpu_train._scheduler(defaults, optimizer)
-    path = checkpoint.save_checkpoint(root, 0, gpt, optimizer, scheduler, train_state)
+    path = checkpoint.save_checkpoint(root, 0, gpt, optimizer, scheduler, train_state,
+                                      fingerprint=fingerprint)
     parallel_state.destroy_model_parallel()
     return str(path)
