@@ -169,9 +169,13 @@ def _train(counter, bad, vocab_size, model_type, byte_fallback, max_sentences,
             raise NoValidRecordsError(
                 "no usable text to train the tokenizer on" + _bad_suffix(bad)
             ) from exc
+        if "required_chars" in str(exc):  # fewer pieces than the text has characters
+            advice = "the text has more distinct characters: use a larger --vocab-size"
+        else:
+            advice = "needs enough distinct text; use a smaller --vocab-size or give more text"
         raise TokenizerError(
-            f"SentencePiece training failed: {str(exc).strip()} (vocab_size={vocab_size} needs "
-            "enough distinct text; use a smaller --vocab-size or give more text)"
+            f"SentencePiece training failed: {str(exc).strip()} (vocab_size={vocab_size} "
+            f"{advice})"
         ) from exc
     if counter.error is not None:  # SentencePiece trained on what came before the failure
         raise counter.error

@@ -65,3 +65,9 @@ def test_tokenizer_vocab_too_large_is_a_clear_error(tmp_path):
         train_tokenizer(iter(["a tiny corpus"] * 20), tmp_path / "tok", 5000)
 
 
+def test_tokenizer_vocab_below_the_characters_asks_for_a_larger_one(tmp_path):
+    text = "".join(chr(0x4E00 + i) for i in range(300))  # 300 distinct characters
+    with pytest.raises(data.TokenizerError, match="use a larger --vocab-size"):
+        train_tokenizer(iter([text] * 5), tmp_path / "tok", 100)
+
+
