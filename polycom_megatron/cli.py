@@ -25,6 +25,9 @@ SUBCOMMANDS = {
     "perplexity": ("polycom_megatron.hf.perplexity", "perplexity of an exported model on text/data"),
 }
 DEBUG_VARIABLE = "POLYCOM_DEBUG"
+# Optional packages (pyproject.toml's extras) a command may need: package -> extra.
+OPTIONAL_PACKAGES = {"transformers": "hf", "safetensors": "hf", "google": "hf",
+                     "matplotlib": "bench", "triton": "triton"}
 # What a shell reports for a process ended by SIGINT (128 + 2).
 INTERRUPTED = 130
 
@@ -76,6 +79,13 @@ def run(name: str, argv) -> int:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
+        return 1
+    except ModuleNotFoundError as exc:
+        extra = OPTIONAL_PACKAGES.get((exc.name or "").split(".")[0])
+        if extra is None or _debug():
+            raise
+        print(f"{prog}: error: needs the optional package {exc.name}, which is not installed: "
+              f"pip install 'polycom-megatron[{extra}]'", file=sys.stderr)
         return 1
     except Exception as exc:
         if _debug():

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from polycom_megatron.cli_types import OneLineErrorParser
 from polycom_megatron.config import (
     PolyComConfig,
     activation_flag_conflicts,
@@ -220,7 +221,7 @@ def check(tree: Path, release: str | None = None) -> tuple:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="polycom-megatron patch",
         description="Add the --polycom-* flags to a stock Megatron-LM checkout's pretrain_gpt.py.",
     )

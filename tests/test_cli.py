@@ -245,3 +245,18 @@ def test_bench_kernels(work):
     else:
         refused(run("bench-kernels", "--device", "cuda", cwd=work), "CUDA is not available",
                 status=1)
+
+
+def test_a_missing_optional_package_names_its_extra(tmp_path, monkeypatch, capsys):
+    from polycom_megatron import cli
+
+    (tmp_path / "needs_transformers_cmd.py").write_text(
+        "def main(argv):\n"
+        "    raise ModuleNotFoundError(\"No module named 'transformers'\", name='transformers')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "needs-hf", ("needs_transformers_cmd", "a test"))
+    monkeypatch.delenv(cli.DEBUG_VARIABLE, raising=False)
+    assert cli.run("needs-hf", []) == 1
+    assert capsys.readouterr().err == (
+        "polycom-megatron needs-hf: error: needs the optional package transformers, which is "
+        "not installed: pip install 'polycom-megatron[hf]'\n")

@@ -57,6 +57,7 @@ from polycom_megatron.bench.glu_baselines import (
     swiglu_eager,
 )
 from polycom_megatron.cli_types import (
+    OneLineErrorParser,
     int_list,
     non_negative_int,
     positive_int,
@@ -77,7 +78,7 @@ L2_FLUSH_BYTES = 256 << 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="polycom-megatron bench-kernels",
         description="Time PolyNorm/PolyReLU kernels (plain and gated) against a device copy, "
         "Liger-Kernel and SwiGLU's fused activation.",

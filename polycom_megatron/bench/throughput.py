@@ -53,6 +53,7 @@ from polycom_megatron.bench.cases import (
 from polycom_megatron.bench.memory import free_memory, memory_probe
 from polycom_megatron.bench.peak import PeakMeter
 from polycom_megatron.cli_types import (
+    OneLineErrorParser,
     int_list,
     non_negative_float,
     positive_int,
@@ -184,7 +185,7 @@ def layer_counts(text: str) -> Tuple[int, int]:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="polycom-megatron bench",
         description="Layer and training-step throughput of PolyCom vs SwiGLU/GELU (Megatron-Core).",
     )

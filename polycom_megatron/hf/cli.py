@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+
+from polycom_megatron.cli_types import OneLineErrorParser
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 
 def export_main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="polycom-megatron export-hf",
         description="Megatron distributed checkpoint (train-cpu or Megatron-LM pretrain, any "
         "TP/PP/EP layout) -> transformers model directory (safetensors, tokenizer, "
@@ -51,7 +53,7 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def import_main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="polycom-megatron import-hf",
         description="transformers directory written by export-hf -> Megatron distributed "
         "checkpoint at a TP/PP/EP layout (fresh optimizer, iteration 0) that train-cpu "

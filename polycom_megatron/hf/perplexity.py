@@ -10,6 +10,8 @@ log-likelihood over all predicted tokens).
 from __future__ import annotations
 
 import argparse
+
+from polycom_megatron.cli_types import OneLineErrorParser
 import math
 import sys
 from dataclasses import dataclass
@@ -78,7 +80,7 @@ def evaluate(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 8) -> 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="polycom-megatron perplexity", description=__doc__,
+    p = OneLineErrorParser(prog="polycom-megatron perplexity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path, help="a directory written by export-hf")
     src = p.add_mutually_exclusive_group(required=True)
