@@ -17,7 +17,8 @@ from polycom_megatron.bench.memory import free_memory
 if TYPE_CHECKING:  # annotations only: throughput.py imports this module
     from polycom_megatron.bench.throughput import GptPreset, Settings
 
-POLYCOM = ("polyrelu", "polynorm", "polyrelu-glu", "polynorm-glu")
+from polycom_megatron.variants import POLYCOM, polycom_config as _variant_polycom
+
 SEED = 1234
 
 
@@ -93,12 +94,7 @@ def transformer_config(shape: F.ModelShape, s: Settings):
 
 
 def polycom_config(activation: str, kernel: str):
-    from polycom_megatron.config import PolyComConfig
-
-    if activation not in POLYCOM:
-        return None
-    base, _, glu = activation.partition("-")
-    return PolyComConfig(activation=base, kernel=kernel, gated=glu == "glu")
+    return _variant_polycom(activation, kernel=kernel)
 
 
 def _ffn_spec(config, polycom, s: Settings):

@@ -33,8 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional
 
-ACTIVATIONS = ("swiglu", "gelu", "polyrelu", "polynorm", "polyrelu-glu", "polynorm-glu")
-GATED = ("swiglu", "polyrelu-glu", "polynorm-glu")
+from polycom_megatron.variants import GATED, NAMES as ACTIVATIONS  # noqa: F401 (this module's interface)
+
 TRAINING_MULTIPLIER = 3  # forward + backward (2 x forward)
 
 

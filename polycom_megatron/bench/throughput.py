@@ -60,7 +60,7 @@ from polycom_megatron.cli_types import (
     prepare_output_dir,
     writable_dir,
 )
-from polycom_megatron.config import matched_ffn_hidden_size
+from polycom_megatron.variants import ffn_width
 
 SECTIONS = ("mlp", "moe", "model")
 KERNEL_CHOICES = ("torch", "compile", "triton")
@@ -83,9 +83,7 @@ class GptPreset:
     top_k: int = 0
 
     def shape(self, activation: str, seq_length: int, num_layers: Optional[int] = None):
-        ffn = self.swiglu_ffn
-        if activation != "swiglu":
-            ffn = matched_ffn_hidden_size(ffn, gated=activation in F.GATED)
+        ffn = ffn_width(activation, self.swiglu_ffn)
         return F.ModelShape(
             num_layers=num_layers or self.num_layers,
             hidden_size=self.hidden_size,
