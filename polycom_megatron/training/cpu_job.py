@@ -247,7 +247,8 @@ class CpuJob:
         from polycom_megatron.config import activation_flag_conflicts
 
         conflicts = activation_flag_conflicts(
-            argparse.Namespace(swiglu=self.swiglu, ffn_hidden_size=self.ffn_hidden), self.polycom
+            argparse.Namespace(swiglu=self.swiglu, ffn_hidden_size=self.ffn_hidden_size),
+            self.polycom
         )
         if conflicts:
             raise ValueError(conflicts[0])
@@ -368,8 +369,9 @@ def build_parser(prog: str = "polycom-megatron train-cpu") -> argparse.ArgumentP
     p.add_argument("--layers", type=positive_int, default=d.layers)
     p.add_argument("--hidden", type=positive_int, default=d.hidden)
     p.add_argument("--heads", type=positive_int, default=d.heads)
-    p.add_argument("--ffn-hidden", type=positive_int, default=None,
-                   help="FFN width (default: 4 x hidden dense, 2 x hidden per expert)")
+    p.add_argument("--ffn-hidden", "--ffn-hidden-size", dest="ffn_hidden", type=positive_int,
+                   default=None, help="FFN width (default: 4 x hidden dense, 2 x hidden per "
+                   "expert; --ffn-hidden-size is Megatron-LM's name)")
     p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
     p.add_argument("--micro-batch", type=positive_int, default=d.micro_batch, help="sequences per micro-batch")
     p.add_argument("--global-batch", type=positive_int, default=d.global_batch,
