@@ -121,6 +121,11 @@ class CpuJob:
         return self.decay_steps // 10
 
     @property
+    def lr_floor(self) -> float:
+        """The cosine schedule's floor: --min-lr, or a tenth of --lr."""
+        return self.min_lr if self.min_lr is not None else self.lr / 10
+
+    @property
     def data_dir(self) -> Path:
         return self.data if self.data is not None else self.output_dir / "data"
 
