@@ -277,7 +277,9 @@ def _fingerprint(flags: Optional[list], hf, tokenizer: Optional[Path], tp: int, 
         vocab = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
     args = build_parser().parse_args(
         flags + ["--output-dir", "unused", "--vocab-size", str(vocab)])
-    return cpu_resume.fingerprint(job_from_args(args, experts_available=True))
+    found = cpu_resume.fingerprint(job_from_args(args, experts_available=True))
+    found.pop("data")  # trained elsewhere: any --split may continue it
+    return found
 
 
 def _save_at_layout(model, staged, root, tp, pp, ep, train_state, fingerprint):

@@ -107,7 +107,7 @@ def load_checkpoint(root, model, optimizer, scheduler, iteration: Optional[int] 
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if with_rng:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     return LoadedState(
         iteration=int(loaded["iteration"]),
         train_state=dict(loaded.get("train_state", {})),
@@ -137,11 +137,11 @@ def _state_to_save(model, optimizer, scheduler, iteration, train_state, with_rng
         rank, world = dist.get_rank(), dist.get_world_size()
         # One entry per rank: ranks that replicate the same weights still differ in RNG
         # (e.g. the expert-parallel generator is seeded per expert rank).
-        state["rng_state"] = ShardedObject("rng_state", _get_rng_state(), (world,), (rank,))
+        state["rng_state"] = ShardedObject("rng_state", get_rng_state(), (world,), (rank,))
     return state
 
 
-def _get_rng_state() -> dict:
+def get_rng_state() -> dict:
     state = {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
@@ -153,7 +153,7 @@ def _get_rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

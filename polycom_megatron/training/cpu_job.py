@@ -36,6 +36,8 @@ from polycom_megatron.cli_types import (
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 DEFAULT_NUM_EXPERTS = 4
 DEFAULT_EP = 2
+# A tenth of the documents for validation: the default corpus has few, long ones.
+DEFAULT_SPLIT = "90,10,0"
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,12 @@ class CpuJob:
     polycom: Optional[PolyComConfig] = PolyComConfig(activation="polynorm")
     timeout_s: float = 600.0
     data: Optional[Path] = None  # prepared data; default output_dir/data
+    swiglu: bool = False  # with polycom None: Megatron's SwiGLU MLP instead of GELU
+    # Megatron-LM's --split: train, validation, test shares of the documents (corpus order).
+    split: str = DEFAULT_SPLIT
+    eval_interval: int = 25  # steps between validations (and one at the end)
+    eval_iters: int = 4  # global batches per validation; 0: no validation
+    tensorboard_dir: Optional[Path] = None  # default output_dir/tensorboard
 
     # ---- derived values -----------------------------------------------------------
 
@@ -120,6 +128,24 @@ class CpuJob:
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
+    @property
+    def tensorboard_path(self) -> Path:
+        return self.tensorboard_dir if self.tensorboard_dir is not None else (
+            self.output_dir / "tensorboard"
+        )
+
+    @property
+    def variant(self) -> str:
+        """The FFN variant's name in ``polycom_megatron.variants`` ("swiglu", "polynorm", ...)."""
+        if self.polycom is not None:
+            return self.polycom.name
+        return "swiglu" if self.swiglu else "gelu"
+
+    @property
+    def split_shares(self) -> tuple:
+        """``split`` as (train, valid, test) fractions summing to 1."""
+        return split_shares(self.split)
+
     def describe_layout(self) -> str:
         text = f"{self.world_size} ranks = TP {self.tp} x PP {self.pp} x DP {self.dp}"
         if self.is_moe:
@@ -127,7 +153,7 @@ class CpuJob:
         return text
 
     def describe_model(self) -> str:
-        act = self.polycom.name if self.polycom else "gelu (stock Megatron MLP)"
+        act = self.variant if self.polycom else f"{self.variant} (stock Megatron MLP)"
         kind = f"MoE {self.num_experts}x{self.ffn_hidden_size}" if self.is_moe else (
             f"dense FFN {self.ffn_hidden_size}"
         )
@@ -148,6 +174,7 @@ class CpuJob:
             layers=self.layers, hidden=self.hidden, heads=self.heads, seq_len=self.seq_len,
             micro_batch=self.micro_batch, global_batch=self.global_batch,
             log_interval=self.log_interval, moe_top_k=self.moe_top_k,
+            eval_interval=self.eval_interval,
         )
         for name, value in positive.items():
             if value < 1:
@@ -208,11 +235,35 @@ class CpuJob:
                 "--overwrite discards the old checkpoints, --resume continues from them: pick one"
             )
         self._validate_kernel()
+        self._validate_activation()
+        self._validate_split()
         if self.warmup_steps > self.decay_steps:
             raise ValueError(
                 f"--lr-warmup-steps {self.warmup_steps} exceeds the decay steps {self.decay_steps}"
             )
         return self
+
+    def _validate_activation(self) -> None:
+        from polycom_megatron.config import activation_flag_conflicts
+
+        conflicts = activation_flag_conflicts(
+            argparse.Namespace(swiglu=self.swiglu, ffn_hidden_size=self.ffn_hidden), self.polycom
+        )
+        if conflicts:
+            raise ValueError(conflicts[0])
+
+    def _validate_split(self) -> None:
+        train, valid, _ = self.split_shares
+        if train == 0:
+            raise ValueError(f"--split {self.split} leaves no documents to train on; give "
+                             "the first (training) share a positive weight, e.g. --split 90,10,0")
+        if valid == 0 and self.eval_iters:
+            raise ValueError(
+                f"--split {self.split} holds out no validation documents; give the second "
+                "share a positive weight (e.g. --split 90,10,0) or pass --eval-iters 0"
+            )
+        if self.eval_iters < 0:
+            raise ValueError(f"--eval-iters must be 0 (no validation) or more, got {self.eval_iters}")
 
     def _validate_kernel(self) -> None:
         if self.polycom is None or self.polycom.kernel != "triton":
@@ -255,6 +306,35 @@ class CpuJob:
             raise ValueError(
                 f"--moe-top-k {self.moe_top_k} exceeds --num-experts {self.num_experts}"
             )
+
+
+def split_shares(split: str) -> tuple:
+    """Megatron-LM's split string ("90,10,0"; missing shares are 0) as (train, valid, test)
+    fractions; ValueError naming --split for anything else."""
+    parts = [p.strip() for p in str(split).split(",")]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or (
+        sum(weights) <= 0
+    ):
+        raise ValueError(
+            f"--split {split!r}: expected up to three non-negative weights for the train, "
+            "validation and test documents, as Megatron-LM's --split (e.g. 90,10,0)"
+        )
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+def split_arg(text: str) -> str:
+    """argparse type of --split: the string as given (spaces dropped), once it parses."""
+    try:
+        split_shares(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+    return text.replace(" ", "")
 
 
 # --------------------------------------------------------------------------------------
@@ -325,6 +405,21 @@ def build_parser(prog: str = "polycom-megatron train-cpu") -> argparse.ArgumentP
                    f"{DEFAULT_VOCAB_SIZE}); prepared data is used with its own")
     p.add_argument("--timeout", type=positive_float, default=d.timeout_s,
                    help="seconds a collective may wait before the run is declared hung")
+    p.add_argument("--split", type=split_arg, default=d.split,
+                   help="train, validation and test shares of the documents, as Megatron-LM's "
+                   "--split (document level: validation documents are never trained on; "
+                   "default: %(default)s)")
+    p.add_argument("--eval-interval", type=positive_int, default=d.eval_interval,
+                   help="steps between validations; one also runs at the end (default: %(default)s)")
+    p.add_argument("--eval-iters", type=non_negative_int, default=d.eval_iters,
+                   help="global batches of the validation split per validation, the same ones "
+                   "every time; 0: no validation (default: %(default)s)")
+    p.add_argument("--tensorboard-dir", type=Path, default=None,
+                   help="TensorBoard event files, with Megatron-LM's tags (default: "
+                   "OUTPUT_DIR/tensorboard; needs the tensorboard package)")
+    p.add_argument("--swiglu", action="store_true",
+                   help="with --polycom-activation none: Megatron's SwiGLU MLP (the baseline; "
+                   "without it, none is the GELU MLP)")
     add_polycom_args(p)
     # The CPU demo is about PolyCom: PolyNorm unless told otherwise ('none' = stock MLP).
     p.set_defaults(polycom_activation="polynorm")
@@ -370,4 +465,9 @@ def job_from_args(args: argparse.Namespace, experts_available: bool) -> CpuJob:
         polycom=PolyComConfig.from_args(args),
         timeout_s=args.timeout,
         data=args.data_dir,
+        swiglu=args.swiglu,
+        split=args.split,
+        eval_interval=args.eval_interval,
+        eval_iters=args.eval_iters,
+        tensorboard_dir=args.tensorboard_dir,
     ).validate()

@@ -27,7 +27,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from polycom_megatron.training import processes
+from polycom_megatron.training import cpu_tensorboard, processes
 from polycom_megatron.training.cpu_job import DEFAULT_NUM_EXPERTS, CpuJob, build_parser, job_from_args
 from polycom_megatron.training.cpu_resume import choose_checkpoint, confirm_checkpoint
 from polycom_megatron.training.processes import RankFailed
@@ -45,11 +45,20 @@ class RunSummary:
 
     layout: str
     model: str
+    activation: str  # the variant name of polycom_megatron.variants ("polynorm", "swiglu", ...)
+    ffn_hidden: int
+    seed: int
+    split: str
     num_parameters: int
     start_iteration: int
     final_iteration: int
     losses: Dict[int, float]
     grad_norms: Dict[int, float]
+    learning_rates: Dict[int, float]
+    # iteration -> {"loss", "ppl"} on the held-out validation documents
+    validation: Dict[int, Dict[str, float]]
+    validation_tokens: int  # tokens per validation
+    tensorboard_dir: Optional[str]  # None: not written (the tensorboard package is missing)
     train_seconds: float
     tokens_trained: int
     wall_seconds: float
@@ -88,6 +97,16 @@ class RunSummary:
             )
         else:
             lines.append(f"no steps run (already at iteration {self.final_iteration})")
+        if self.validation:
+            first, last = min(self.validation), max(self.validation)
+            a, b = self.validation[first], self.validation[last]
+            lines.append(
+                f"validation:  {a['loss']:.4f} (ppl {a['ppl']:.2f}) at step {first} -> "
+                f"{b['loss']:.4f} (ppl {b['ppl']:.2f}) at step {last}, on "
+                f"{self.validation_tokens:,} held-out tokens (--split {self.split})"
+            )
+        if self.tensorboard_dir:
+            lines.append(f"tensorboard: {self.tensorboard_dir}")
         if self.resumed_from:
             lines.append(f"resumed:     from {self.resumed_from}")
         if self.checkpoint_path:
@@ -120,6 +139,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _print_error(exc)
         return 1
     print(summary.describe(), flush=True)
+    if job.polycom is None:
+        print(f"note: not exporting to transformers: the export is for PolyCom models, this "
+              f"run trained the {job.variant} baseline", flush=True)
+        return 0
     from polycom_megatron.hf.after_training import export_and_sample
 
     export_and_sample(job)
@@ -145,6 +168,9 @@ def run(
     start = confirm_checkpoint(job, start)
     for note in start.notes:
         print(note, flush=True)
+    tensorboard_missing = cpu_tensorboard.missing_note(job)
+    if tensorboard_missing:
+        print(tensorboard_missing, flush=True)
     print(f"{job.describe_model()}\n{job.describe_layout()}", flush=True)
     try:
         result = _launch(job, start.iteration, deadline_s)
@@ -157,11 +183,19 @@ def run(
     summary = RunSummary(
         layout=job.describe_layout(),
         model=job.describe_model(),
+        activation=job.variant,
+        ffn_hidden=job.ffn_hidden_size,
+        seed=job.seed,
+        split=job.split,
         num_parameters=result.num_parameters,
         start_iteration=result.start_iteration,
         final_iteration=result.final_iteration,
         losses=dict(result.losses),
         grad_norms=dict(result.grad_norms),
+        learning_rates=dict(result.learning_rates),
+        validation=dict(result.validation),
+        validation_tokens=result.validation_tokens,
+        tensorboard_dir=None if tensorboard_missing else str(job.tensorboard_path),
         train_seconds=result.train_seconds,
         tokens_trained=result.tokens_trained,
         wall_seconds=time.perf_counter() - wall_start,
@@ -170,7 +204,9 @@ def run(
         resumed_from=result.resumed_from,
     )
     job.output_dir.mkdir(parents=True, exist_ok=True)
-    (job.output_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    fields = asdict(summary)
+    fields["tokens_per_s"] = summary.tokens_per_s
+    (job.output_dir / SUMMARY_FILE).write_text(json.dumps(fields, indent=2) + "\n")
     return summary
 
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -21,7 +22,7 @@ from typing import Dict, List, Optional
 
 from polycom_megatron.training import checkpoint_integrity as integrity
 from polycom_megatron.training.checkpoint_integrity import CheckpointError, iteration_dir
-from polycom_megatron.training.cpu_job import CpuJob
+from polycom_megatron.training.cpu_job import CpuJob, split_shares
 from polycom_megatron.training.cpu_reshard import layout_problems
 
 # Fingerprint entries that must match for a resume, and the flag that sets each.
@@ -39,7 +40,13 @@ MODEL_FLAGS = {
     "coeff_mode": "--polycom-coeff-mode",
     "gated": "--polycom-gated",
     "no_bias": "--polycom-no-bias",
+    "swiglu": "--swiglu",
 }
+# What a model entry means when a checkpoint written before it existed lacks it.
+_MODEL_ENTRY_BEFORE = {"swiglu": False}
+# The data entries (the training documents) and their flags. A checkpoint without a data
+# entry (written before it existed, or by import-hf) is not checked against it.
+DATA_FLAGS = {"split": "--split"}
 LAYOUT_FLAGS = {"world_size": "--world-size", "tp": "--tp", "pp": "--pp", "ep": "--ep"}
 _VERSIONED = ("polycom-megatron", "megatron-core", "torch")
 
@@ -62,12 +69,17 @@ def fingerprint(job: CpuJob) -> dict:
         coeff_mode=polycom.coeff_mode if polycom and job.is_moe else None,
         gated=polycom.gated if polycom else None,
         no_bias=not polycom.bias if polycom else None,
+        swiglu=job.swiglu,
+        variant=job.variant,  # polycom_megatron.variants' name, for readers of the manifest
     )
+    # The split decides which documents are trained on: another one changes the run.
+    data = dict(split=job.split)
     layout = dict(
         world_size=job.world_size, tp=job.tp, pp=job.pp, ep=job.ep, dp=job.dp,
         padded_vocab_size=job.padded_vocab_size,
     )
-    return dict(model=model, layout=layout, versions={p: _version(p) for p in _VERSIONED})
+    return dict(model=model, data=data, layout=layout,
+                versions={p: _version(p) for p in _VERSIONED})
 
 
 @dataclass
@@ -159,9 +171,15 @@ def confirm_checkpoint(job: CpuJob, start: StartPoint) -> StartPoint:
 
 def _mismatches(saved: dict, expected: dict, path: Path) -> List[str]:
     found = []
-    for key, flag in MODEL_FLAGS.items():
-        was, now = saved["model"].get(key), expected["model"].get(key)
-        if was != now:
+    entries = [
+        (flag, saved["model"].get(key, _MODEL_ENTRY_BEFORE.get(key)), expected["model"].get(key))
+        for key, flag in MODEL_FLAGS.items()
+    ]
+    if "data" in saved:
+        entries += [(flag, saved["data"].get(key), expected["data"][key])
+                    for key, flag in DATA_FLAGS.items()]
+    for flag, was, now in entries:
+        if not _same(flag, was, now):
             found.append(
                 f"checkpoint {path} was trained with {flag} {_shown(was)}, this run asks for "
                 f"{_shown(now)}; resume with {flag} {_shown(was)} or use a new --output-dir"
@@ -171,6 +189,15 @@ def _mismatches(saved: dict, expected: dict, path: Path) -> List[str]:
     if not found:
         found += layout_problems(saved["layout"], expected["layout"], path)
     return found
+
+
+def _same(flag: str, was, now) -> bool:
+    if flag == "--split" and was is not None:
+        try:  # 90,10,0 and 9,1,0 hold out the same documents
+            return all(math.isclose(a, b) for a, b in zip(split_shares(was), split_shares(now)))
+        except ValueError:
+            return False
+    return was == now
 
 
 def _shown(value) -> str:

@@ -12,9 +12,8 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -30,13 +29,11 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from polycom_megatron.model import build_gpt_model
-from polycom_megatron.training import checkpoint, common, cpu_resume
+from polycom_megatron.variants import GATED
+from polycom_megatron.training import checkpoint, common, cpu_data, cpu_resume
+from polycom_megatron.training.cpu_data import WITH_ATTENTION_MASK
 from polycom_megatron.training.cpu_job import CpuJob
-from polycom_megatron.data import DEFAULT_DATASET_NAME
-
-# The attention mask comes from the dataset rather than being built inside attention:
-# Megatron's default causal-mask helper allocates on CUDA.
-WITH_ATTENTION_MASK = True
+from polycom_megatron.training.cpu_tensorboard import TrainingLog
 
 
 @dataclass
@@ -47,6 +44,10 @@ class RankResult:
     final_iteration: int
     losses: Dict[int, float] = field(default_factory=dict)
     grad_norms: Dict[int, float] = field(default_factory=dict)
+    learning_rates: Dict[int, float] = field(default_factory=dict)
+    # iteration -> {"loss": token-weighted mean LM loss on the validation split, "ppl": exp(loss)}
+    validation: Dict[int, Dict[str, float]] = field(default_factory=dict)
+    validation_tokens: int = 0
     train_seconds: float = 0.0
     tokens_trained: int = 0
     num_parameters: int = 0
@@ -100,13 +101,28 @@ def train(job: CpuJob, start_from: Optional[int] = None) -> RankResult:
             _print(f"nothing to do: the checkpoint is at {iteration} >= --steps {job.steps}")
     result.start_iteration = iteration
 
-    dataset = _train_dataset(job)
-    batches = _micro_batches(job, dataset, first_iteration=iteration)
+    dataset = cpu_data.train_dataset(job)
+    batches = cpu_data.micro_batches(job, dataset, first_iteration=iteration)
+    valid_dataset = cpu_data.validation_dataset(job)
     forward_backward = get_forward_backward_func()
     shape = common.BatchShape(job.micro_batch, job.seq_len, WITH_ATTENTION_MASK)
 
     def forward_step(data_iterator, model_chunk):
         return common.gpt_forward(model_chunk, common.get_batch(data_iterator, shape))
+
+    def validate():
+        loss, tokens = _evaluate(job, ddp, forward_step, valid_dataset)
+        ppl = math.exp(loss) if loss < 700 else math.inf
+        result.validation[iteration] = dict(loss=loss, ppl=ppl)
+        result.validation_tokens = tokens
+        log.validation(iteration, loss, ppl)
+        _print(
+            f"validation loss at iteration {iteration:>5} | lm loss value: {loss:.4f} | "
+            f"lm loss PPL: {ppl:.3f} | {tokens:,} tokens"
+        )
+
+    # Megatron-LM's writer: the last rank.
+    log = TrainingLog(job, iteration, writes=dist.get_rank() == dist.get_world_size() - 1)
 
     tokens_per_step = job.global_batch * job.seq_len
     window_start, window_tokens = time.perf_counter(), 0
@@ -133,17 +149,27 @@ def train(job: CpuJob, start_from: Optional[int] = None) -> RankResult:
             raise FloatingPointError(
                 f"loss is {loss} at iteration {iteration}; lower --lr or check the data"
             )
+        lr = optimizer.param_groups[0]["lr"]
         result.losses[iteration] = loss
         result.grad_norms[iteration] = float(grad_norm)
+        result.learning_rates[iteration] = lr
+        log.step(iteration, loss, lr, float(grad_norm))
         window_tokens += tokens_per_step
         if iteration % job.log_interval == 0 or iteration == job.steps:
             now = time.perf_counter()
             _print(
                 f"iter {iteration:>5}/{job.steps} | loss {loss:.4f} | lr "
-                f"{optimizer.param_groups[0]['lr']:.3e} | grad norm {float(grad_norm):.3f} | "
+                f"{lr:.3e} | grad norm {float(grad_norm):.3f} | "
                 f"{window_tokens / (now - window_start):,.0f} tokens/s"
             )
+            log.iteration_time(iteration, (now - window_start) / (window_tokens / tokens_per_step))
             window_start, window_tokens = now, 0
+        if job.eval_iters and (iteration % job.eval_interval == 0 or iteration == job.steps):
+            eval_start = time.perf_counter()
+            validate()  # collective: every rank evaluates
+            # Evaluation time is not training time.
+            window_start += time.perf_counter() - eval_start
+            train_start += time.perf_counter() - eval_start
         if job.save_interval and iteration % job.save_interval == 0 and iteration < job.steps:
             _save(job, iteration, model, optimizer, scheduler)
     result.train_seconds = time.perf_counter() - train_start
@@ -156,6 +182,7 @@ def train(job: CpuJob, start_from: Optional[int] = None) -> RankResult:
     result.checkpoint_path = str(path)
     if dist.get_rank() == 0:
         result.checkpoint_bytes = checkpoint.size_on_disk(path)
+    log.close()
     parallel_state.destroy_model_parallel()
     return result
 
@@ -185,8 +212,11 @@ def transformer_config(job: CpuJob) -> TransformerConfig:
         ffn_hidden_size=job.ffn_hidden_size,
         normalization="RMSNorm",
         add_bias_linear=False,
-        # On for --polycom-gated only: fc1 then holds [gate, up] (PolyNorm-GLU).
-        gated_linear_unit=job.polycom is not None and job.polycom.gated,
+        # On for --polycom-gated (fc1 holds [gate, up]: PolyNorm-GLU) and --swiglu.
+        gated_linear_unit=job.variant in GATED,
+        # Megatron's MLP applies this to the gate (SwiGLU) or to fc1's output (GELU);
+        # a PolyCom MLP replaces it.
+        activation_func=torch.nn.functional.silu if job.swiglu else torch.nn.functional.gelu,
         # PolyCom is not one of the activations Megatron's bias-activation fusion knows.
         bias_activation_fusion=False,
         hidden_dropout=job.dropout,
@@ -274,78 +304,6 @@ def _count_parameters(model) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------
-
-
-def _train_dataset(job: CpuJob):
-    """One epoch of the prepared corpus as a GPTDataset (on the ranks that read data).
-
-    Its length does not depend on --steps, so a run cut short and resumed sees exactly
-    the samples of a run that went straight through; epochs repeat via ``_micro_batches``.
-    """
-    from megatron.core.tokenizers import MegatronTokenizer
-
-    tokenizer = MegatronTokenizer.from_pretrained(
-        tokenizer_path=str(job.data_dir / "tokenizer.model"),
-        metadata_path={"library": "sentencepiece"},
-    )
-    config = common.gpt_dataset_config(
-        seed=job.seed,
-        seq_length=job.seq_len,
-        tokenizer=tokenizer,
-        blend=([str(job.data_dir / DEFAULT_DATASET_NAME)], None),
-        split="100,0,0",
-        # In the run, not the data directory: that may be shared, read-only, or the user's.
-        path_to_cache=str(job.output_dir / "index-cache"),
-        create_attention_mask=WITH_ATTENTION_MASK,
-    )
-    train_ds, _, _ = common.build_gpt_datasets(config, [None, None, None])
-    if train_ds is not None and len(train_ds) < job.global_batch:
-        raise ValueError(
-            f"the corpus yields only {len(train_ds)} sequences of {job.seq_len} tokens, fewer "
-            f"than one global batch ({job.global_batch}); lower --seq-len or --global-batch"
-        )
-    return train_ds
-
-
-def _micro_batches(job: CpuJob, dataset, first_iteration: int) -> Optional[Iterator[dict]]:
-    """This rank's micro-batches from ``first_iteration`` on, as Megatron's pretraining
-    sampler lays them out: each step takes the next ``global_batch`` samples; every
-    micro-batch round takes ``micro_batch x DP`` of them and DP rank r gets the r-th slice.
-    Each pass over the data uses a fresh permutation seeded by (seed, epoch)."""
-    if dataset is None:
-        return None
-    n = len(dataset)
-    dp_rank, dp = parallel_state.get_data_parallel_rank(), job.dp
-
-    def sample_ids(position: int) -> int:
-        epoch, offset = divmod(position, n)
-        return int(_epoch_order(job.seed, epoch, n)[offset])
-
-    def generate():
-        position = first_iteration * job.global_batch
-        while True:
-            start = position + dp_rank * job.micro_batch
-            samples = [dataset[sample_ids(p)] for p in range(start, start + job.micro_batch)]
-            yield torch.utils.data.default_collate(samples)
-            position += job.micro_batch * dp
-
-    return generate()
-
-
-_EPOCH_ORDERS: Dict[tuple, np.ndarray] = {}
-
-
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    key = (seed, epoch, n)
-    if key not in _EPOCH_ORDERS:
-        _EPOCH_ORDERS.clear()  # only the current epoch is ever needed again
-        _EPOCH_ORDERS[key] = np.random.RandomState((seed + 7919 * epoch) % 2**32).permutation(n)
-    return _EPOCH_ORDERS[key]
-
-
-# --------------------------------------------------------------------------------------
 # Reporting and saving
 # --------------------------------------------------------------------------------------
 
@@ -357,6 +315,13 @@ def _global_loss(reports: List[dict]) -> float:
     rank 0 of the last stage contributes, everyone else adds zeros, and one all-reduce
     over the world gives every rank the same number.
     """
+    totals = _loss_totals(reports)
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+def _loss_totals(reports: List[dict]) -> torch.Tensor:
+    """This rank's (sum of token losses, tokens): nonzero on TP rank 0 of the last stage."""
     totals = torch.zeros(2, dtype=torch.float64)
     contributes = (
         parallel_state.is_pipeline_last_stage()
@@ -365,8 +330,37 @@ def _global_loss(reports: List[dict]) -> float:
     if contributes:
         for report in reports:
             totals += report["lm loss"].detach().to(torch.float64).cpu()
+    return totals
+
+
+def _evaluate(job: CpuJob, ddp, forward_step, dataset) -> tuple:
+    """(token-weighted mean LM loss, tokens) over the first ``--eval-iters`` global batches
+    of the validation split, as Megatron-LM's evaluate: eval mode, no gradients, the
+    forward-only schedule, sums of (loss, tokens) over micro-batches and DP ranks. The
+    RNG states are put back afterwards, so training goes on exactly as without it."""
+    rng = checkpoint.get_rng_state()
+    batches = cpu_data.validation_batches(job, dataset)
+    forward_backward = get_forward_backward_func()
+    totals = torch.zeros(2, dtype=torch.float64)
+    ddp.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(job.eval_iters):
+                reports = forward_backward(
+                    forward_step_func=forward_step,
+                    data_iterator=batches,
+                    model=[ddp],
+                    num_microbatches=job.num_micro_batches,
+                    seq_length=job.seq_len,
+                    micro_batch_size=job.micro_batch,
+                    forward_only=True,
+                )
+                totals += _loss_totals(reports)
+    finally:
+        ddp.train()
+        checkpoint.set_rng_state(rng)
     dist.all_reduce(totals)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    return float(totals[0] / totals[1]), int(totals[1])
 
 
 def _save(job: CpuJob, iteration: int, model, optimizer, scheduler):
