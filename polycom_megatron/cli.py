@@ -28,7 +28,7 @@ SUBCOMMANDS = {
 DEBUG_VARIABLE = "POLYCOM_DEBUG"
 # Optional packages (pyproject.toml's extras) a command may need: package -> extra.
 OPTIONAL_PACKAGES = {"transformers": "hf", "safetensors": "hf", "google": "hf",
-                     "matplotlib": "bench", "tensorboard": "compare", "triton": "triton"}
+                     "matplotlib": "bench", "tensorboard": "experiments", "triton": "triton"}
 # What a shell reports for a process ended by SIGINT (128 + 2).
 INTERRUPTED = 130
 

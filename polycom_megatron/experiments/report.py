@@ -25,6 +25,7 @@ PLOT_FILE = "compare.png"
 DIFFERENT_BY_DESIGN = {
     "seed", "swiglu", "ffn_hidden_size", "moe_ffn_hidden_size", "tensorboard_dir", "save",
     "load", "data_cache_path", "wandb_exp_name", "wandb_save_dir", "iteration",
+    "activation",  # train-cpu's own: the variant name
     # The PolyCom launcher turns Megatron's bias-activation fusions off.
     "bias_swiglu_fusion", "bias_gelu_fusion",
 }
