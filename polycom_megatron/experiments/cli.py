@@ -32,6 +32,12 @@ from polycom_megatron.experiments import report, runs, tblogs
 PROG = "polycom-megatron compare"
 DEFAULT_ACTIVATIONS = ("swiglu", "polyrelu", "polynorm")
 DEFAULT_OUTPUT = Path("runs/compare")
+# --from-logs writes only a report (derived from logs that stay): its own default folder.
+DEFAULT_REPORT_OUTPUT = Path("runs/compare-from-logs")
+# compare's flags that only apply when it trains.
+TRAINING_FLAGS = ("--activations", "--seeds", "--steps", "--num-experts", "--hidden",
+                  "--swiglu-ffn-hidden", "--eval-interval", "--eval-iters", "--data-dir",
+                  "--overwrite")
 # Two ranks, data parallel: the 2-core machine this is sized for, one core per rank.
 DEFAULT_LAYOUT = {"--world-size": "2", "--tp": "1"}
 # train-cpu flags that tell the twins apart or place their files: compare sets them.
@@ -68,7 +74,10 @@ def seed_list(text: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n\n")[1])
+    p = OneLineErrorParser(
+        prog=PROG, allow_abbrev=False, description=__doc__.split("\n\n")[1],
+        epilog="Any other flag goes to every train-cpu run (see polycom-megatron train-cpu "
+        "--help), e.g. --layers 4 --lr 1e-3; the ones compare sets per run are refused.")
     p.add_argument("--from-logs", nargs="+", type=Path, metavar="DIR",
                    help="report on finished runs instead of training: TensorBoard folders "
                    "(Megatron-LM's --tensorboard-dir) or folders holding several")
@@ -89,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between validation losses (default: steps / 10)")
     p.add_argument("--eval-iters", type=positive_int, default=4,
                    help="validation batches per evaluation (default: %(default)s)")
-    p.add_argument("--output-dir", type=writable_dir, default=DEFAULT_OUTPUT,
-                   help="runs/, the shared data/ and the report go here (default: %(default)s)")
+    p.add_argument("--output-dir", type=writable_dir, default=None,
+                   help=f"runs/, the shared data/ and the report go here (default: "
+                   f"{DEFAULT_OUTPUT}; with --from-logs, the report: {DEFAULT_REPORT_OUTPUT})")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="prepared data for every run (default: OUTPUT_DIR/data, prepared by "
                    "the first run from the offline corpus)")
@@ -137,6 +147,9 @@ def _check_with_train_cpu(planned: Sequence[runs.PlannedRun]) -> None:
 
 
 def from_logs(args) -> int:
+    if (args.output_dir / runs.RUNS_DIR).is_dir():
+        raise ValueError(f"{args.output_dir} holds a comparison that compare trained; write the "
+                         "report from logs to another --output-dir")
     found = tblogs.read_runs(args.from_logs)
     groups = report.group_runs(found)
     out = prepare_output_dir(args.output_dir)
@@ -172,12 +185,16 @@ def train_and_compare(args, extra: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
     try:
         if args.from_logs:
-            if extra:
-                parser.error(f"--from-logs reads finished runs; {extra[0]} does not apply")
+            given = [f for f in _flag_names(argv) if f in TRAINING_FLAGS] + extra
+            if given:
+                parser.error(f"--from-logs reports on finished runs; {given[0]} does not apply")
+            args.output_dir = args.output_dir or DEFAULT_REPORT_OUTPUT
             return from_logs(args)
+        args.output_dir = args.output_dir or DEFAULT_OUTPUT
         return train_and_compare(args, extra)
     except (ValueError, runs.RunFailed) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -137,6 +137,19 @@ def test_bad_log_folders_are_named(cluster_logs, tmp_path):
     assert re.search(r"two swiglu runs with seed 1: .* pass only one", done.stderr), done.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--from-logs", ".", "--seeds", "2"], "--from-logs reports on finished runs; --seeds does not apply"),
+    (["--activations", "swiglu,relu"], "unknown activation 'relu'"),
+    (["--seed", "3"], "--seed is set by compare for each run; drop it"),
+    (["--world-size", "3"], "--global-batch 16 is not divisible by --micro-batch x DP = 4 x 3"),
+])
+def test_usage_errors_are_one_line(tmp_path, argv, message):
+    done = _compare(*argv, "--output-dir", tmp_path / "r")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
 # --------------------------------------------------------------------------------------
 # Real Megatron-LM pretrain --cpu logs (skipped without trees)
 # --------------------------------------------------------------------------------------
