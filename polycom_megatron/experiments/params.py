@@ -4,7 +4,8 @@ Megatron-LM prints the count to stdout but does not log it to TensorBoard, so
 ``compare --from-logs`` counts it from the arguments: embeddings, attention, norms, the
 FFN (dense or routed experts) and the PolyCom coefficients. Shapes this count does not
 model (multi-latent attention, shared experts, mixed dense/MoE layers, MTP, ...) give
-None, shown as unknown, rather than a wrong number.
+None, shown as unknown, rather than a wrong number; so do arguments missing from the logs
+(Megatron-LM logs all of its arguments; a log that lacks one is not counted by guessing).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def _int(args, name, default=None) -> Optional[int]:
 
 
 def _flag(args, name) -> bool:
-    return args.get(name) == "True"
+    """A boolean argument; KeyError when the log lacks it."""
+    return args[name] == "True"
 
 
 def count_parameters(args: Dict[str, str]) -> Optional[int]:
@@ -46,10 +48,12 @@ def _count(args) -> Optional[int]:
     kv = _int(args, "kv_channels", h // heads)
     groups = _int(args, "num_query_groups", heads) if _flag(args, "group_query_attention") else heads
     bias = _flag(args, "add_bias_linear")
-    norm = h * (2 if args.get("normalization", "LayerNorm") == "LayerNorm" else 1)
+    if args["normalization"] not in ("LayerNorm", "RMSNorm"):
+        return None
+    norm = h * (2 if args["normalization"] == "LayerNorm" else 1)
 
-    total = vocab * h * (2 if _flag(args, "untie_embeddings_and_output_weights") else 1)
-    if args.get("position_embedding_type") == "learned_absolute":
+    total = vocab * h * (2 if args["untie_embeddings_and_output_weights"] == "True" else 1)
+    if args["position_embedding_type"] == "learned_absolute":
         total += int(args["max_position_embeddings"]) * h
     total += norm  # the final norm
 
@@ -66,6 +70,7 @@ def _count(args) -> Optional[int]:
 
 
 def _ffn(args, h: int, bias: bool) -> int:
+    # Megatron-LM without our plugin has no polycom_* arguments: its stock MLP.
     activation = args.get("polycom_activation", "None")
     polycom = activation not in ("None", "none")
     gated = _flag(args, "polycom_gated") if polycom else _flag(args, "swiglu")

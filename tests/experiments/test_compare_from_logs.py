@@ -186,3 +186,23 @@ def test_report_from_real_pretrain_logs(tmp_path):
         assert [p["iteration"] for p in run["validation"]] == [4, 8]
         assert [p["tokens"] for p in run["validation"]] == [4 * 4 * 32, 8 * 4 * 32]
     assert (tmp_path / "report" / "compare.png").stat().st_size > 10_000
+
+
+@megatron_lm.needs_trees
+@pytest.mark.parametrize("coeff_mode", ["layer", "expert"])
+def test_parameter_count_of_real_moe_logs(tmp_path, coeff_mode):
+    """MoE (4 experts on one rank, so Megatron-LM's printed count is the whole model): the
+    count from the logged arguments, one coefficient set per layer or per expert."""
+    tree = next(t for t in megatron_lm.trees() if t.name == "core_v0.16.1")
+    argv = ["-m", "polycom_megatron.training.pretrain", "--cpu", *megatron_lm.TINY_GPT,
+            "--polycom-activation", "polynorm", "--polycom-coeff-mode", coeff_mode,
+            "--num-experts", "4", "--moe-ffn-hidden-size", "96", "--moe-router-topk", "2",
+            "--moe-token-dispatcher-type", "allgather", "--train-iters", "2",
+            "--eval-interval", "2", "--eval-iters", "1", "--tensorboard-dir", tmp_path / "tb"]
+    done = megatron_lm.run_python(tree, argv, cwd=tmp_path)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    from polycom_megatron.experiments import tblogs
+
+    run = tblogs.read_run(tmp_path / "tb")
+    assert run.activation == "polynorm"
+    assert run.num_parameters == int(PARAMETERS.search(done.stdout).group(1))
