@@ -121,6 +121,11 @@ class CpuJob:
         return self.decay_steps // 10
 
     @property
+    def lr_floor(self) -> float:
+        """The cosine schedule's floor: --min-lr, or a tenth of --lr."""
+        return self.min_lr if self.min_lr is not None else self.lr / 10
+
+    @property
     def data_dir(self) -> Path:
         return self.data if self.data is not None else self.output_dir / "data"
 
@@ -247,7 +252,8 @@ class CpuJob:
         from polycom_megatron.config import activation_flag_conflicts
 
         conflicts = activation_flag_conflicts(
-            argparse.Namespace(swiglu=self.swiglu, ffn_hidden_size=self.ffn_hidden), self.polycom
+            argparse.Namespace(swiglu=self.swiglu, ffn_hidden_size=self.ffn_hidden_size),
+            self.polycom
         )
         if conflicts:
             raise ValueError(conflicts[0])
@@ -368,8 +374,9 @@ def build_parser(prog: str = "polycom-megatron train-cpu") -> argparse.ArgumentP
     p.add_argument("--layers", type=positive_int, default=d.layers)
     p.add_argument("--hidden", type=positive_int, default=d.hidden)
     p.add_argument("--heads", type=positive_int, default=d.heads)
-    p.add_argument("--ffn-hidden", type=positive_int, default=None,
-                   help="FFN width (default: 4 x hidden dense, 2 x hidden per expert)")
+    p.add_argument("--ffn-hidden", "--ffn-hidden-size", dest="ffn_hidden", type=positive_int,
+                   default=None, help="FFN width (default: 4 x hidden dense, 2 x hidden per "
+                   "expert; --ffn-hidden-size is Megatron-LM's name)")
     p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
     p.add_argument("--micro-batch", type=positive_int, default=d.micro_batch, help="sequences per micro-batch")
     p.add_argument("--global-batch", type=positive_int, default=d.global_batch,

@@ -99,11 +99,11 @@ class RunSummary:
             lines.append(f"no steps run (already at iteration {self.final_iteration})")
         if self.validation:
             first, last = min(self.validation), max(self.validation)
-            a, b = self.validation[first], self.validation[last]
+            shown = [f"{v['loss']:.4f} (ppl {v['ppl']:.2f}) at step {step}"
+                     for step, v in sorted(self.validation.items()) if step in (first, last)]
             lines.append(
-                f"validation:  {a['loss']:.4f} (ppl {a['ppl']:.2f}) at step {first} -> "
-                f"{b['loss']:.4f} (ppl {b['ppl']:.2f}) at step {last}, on "
-                f"{self.validation_tokens:,} held-out tokens (--split {self.split})"
+                f"validation:  {' -> '.join(shown)}, on {self.validation_tokens:,} held-out "
+                f"tokens (--split {self.split})"
             )
         if self.tensorboard_dir:
             lines.append(f"tensorboard: {self.tensorboard_dir}")

@@ -60,7 +60,7 @@ def megatron_args(job: CpuJob, iteration: int) -> dict:
         global_batch_size=job.global_batch,
         train_iters=job.steps,
         lr=job.lr,
-        min_lr=job.lr / 10 if job.min_lr is None else job.min_lr,
+        min_lr=job.lr_floor,
         lr_warmup_iters=job.warmup_steps,
         lr_decay_iters=job.decay_steps,
         lr_decay_style="cosine",

@@ -104,7 +104,6 @@ def train(job: CpuJob, start_from: Optional[int] = None) -> RankResult:
     dataset = cpu_data.train_dataset(job)
     batches = cpu_data.micro_batches(job, dataset, first_iteration=iteration)
     valid_dataset = cpu_data.validation_dataset(job)
-    forward_backward = get_forward_backward_func()
     shape = common.BatchShape(job.micro_batch, job.seq_len, WITH_ATTENTION_MASK)
 
     def forward_step(data_iterator, model_chunk):
@@ -130,15 +129,7 @@ def train(job: CpuJob, start_from: Optional[int] = None) -> RankResult:
     while iteration < job.steps:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        reports = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=batches,
-            model=[ddp],
-            num_microbatches=job.num_micro_batches,
-            seq_length=job.seq_len,
-            micro_batch_size=job.micro_batch,
-            forward_only=False,
-        )
+        reports = _run_schedule(job, ddp, forward_step, batches, forward_only=False)
         ok, grad_norm, _ = optimizer.step()
         if not ok:
             raise RuntimeError(f"optimizer step {iteration + 1} was skipped (inf/NaN gradients)")
@@ -251,7 +242,7 @@ def _optimizer_config(job: CpuJob) -> OptimizerConfig:
     return OptimizerConfig(
         optimizer="adam",
         lr=job.lr,
-        min_lr=_min_lr(job),
+        min_lr=job.lr_floor,
         weight_decay=job.weight_decay,
         adam_beta1=0.9,
         adam_beta2=0.95,
@@ -268,7 +259,7 @@ def _scheduler(job: CpuJob, optimizer) -> OptimizerParamScheduler:
         optimizer,
         init_lr=0.0,
         max_lr=job.lr,
-        min_lr=_min_lr(job),
+        min_lr=job.lr_floor,
         lr_warmup_steps=job.warmup_steps,
         lr_decay_steps=job.decay_steps,
         lr_decay_style="cosine",
@@ -279,10 +270,6 @@ def _scheduler(job: CpuJob, optimizer) -> OptimizerParamScheduler:
         # On resume the schedule in the checkpoint wins: the run continues as planned.
         use_checkpoint_opt_param_scheduler=True,
     )
-
-
-def _min_lr(job: CpuJob) -> float:
-    return job.min_lr if job.min_lr is not None else job.lr / 10
 
 
 def _count_parameters(model) -> int:
@@ -333,6 +320,19 @@ def _loss_totals(reports: List[dict]) -> torch.Tensor:
     return totals
 
 
+def _run_schedule(job: CpuJob, ddp, forward_step, batches, forward_only: bool) -> List[dict]:
+    """One global batch through megatron-core's forward(/backward) schedule."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[ddp],
+        num_microbatches=job.num_micro_batches,
+        seq_length=job.seq_len,
+        micro_batch_size=job.micro_batch,
+        forward_only=forward_only,
+    )
+
+
 def _evaluate(job: CpuJob, ddp, forward_step, dataset) -> tuple:
     """(token-weighted mean LM loss, tokens) over the first ``--eval-iters`` global batches
     of the validation split, as Megatron-LM's evaluate: eval mode, no gradients, the
@@ -340,21 +340,12 @@ def _evaluate(job: CpuJob, ddp, forward_step, dataset) -> tuple:
     RNG states are put back afterwards, so training goes on exactly as without it."""
     rng = checkpoint.get_rng_state()
     batches = cpu_data.validation_batches(job, dataset)
-    forward_backward = get_forward_backward_func()
     totals = torch.zeros(2, dtype=torch.float64)
     ddp.eval()
     try:
         with torch.no_grad():
             for _ in range(job.eval_iters):
-                reports = forward_backward(
-                    forward_step_func=forward_step,
-                    data_iterator=batches,
-                    model=[ddp],
-                    num_microbatches=job.num_micro_batches,
-                    seq_length=job.seq_len,
-                    micro_batch_size=job.micro_batch,
-                    forward_only=True,
-                )
+                reports = _run_schedule(job, ddp, forward_step, batches, forward_only=True)
                 totals += _loss_totals(reports)
     finally:
         ddp.train()

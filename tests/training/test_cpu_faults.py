@@ -183,6 +183,8 @@ def test_a_layout_change_that_does_not_reshard_is_refused_naming_the_flag(copy):
     [
         (["--lr", "nan"], "argument --lr: must be a positive finite number, got nan"),
         (["--timeout", "0"], "argument --timeout: must be a positive finite number, got 0"),
+        (["--split", "9,x"], "argument --split: expected up to three non-negative weights"),
+        (["--eval-interval", "0"], "argument --eval-interval:"),
     ],
 )
 def test_bad_numbers_are_refused_in_one_line(tmp_path, flags, message):
@@ -262,3 +264,71 @@ def test_a_dead_or_interrupted_launcher_leaves_no_process(copy, how):
         assert survivors(process.pid) == []
     finally:
         cli_run.kill_session(process)
+
+
+# ---- baselines, the split, TensorBoard ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--swiglu"], "--swiglu cannot be combined with --polycom-activation polynorm: PolyCom "
+                       "replaces the gated linear unit"),
+        (["--swiglu", "--polycom-gated"], "--swiglu cannot be combined with --polycom-activation "
+                                          "polynorm --polycom-gated"),
+        (["--polycom-activation", "none", "--polycom-gated"], "--polycom-gated needs a PolyCom activation"),
+    ],
+)
+def test_swiglu_with_a_polycom_activation_is_refused_in_one_line(tmp_path, flags, message):
+    from polycom_megatron.config import gated_form_conflict, gated_unit_conflict
+
+    result = run(train_cpu(tmp_path / "run", tmp_path / "data", *flags), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert_one_line_per_problem(result, message)
+    assert len(error_lines(result)) == 1
+    if "--swiglu" in flags:  # pretrain's own message, not a copy
+        expected = (gated_form_conflict("--swiglu", "polynorm") if "--polycom-gated" in flags
+                    else gated_unit_conflict("--swiglu", "polynorm", 64))
+        assert error_lines(result) == [f"error: {expected}"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_swiglu_trains_without_tensorboard_and_is_not_resumed_as_polynorm(trained, tmp_path):
+    """The SwiGLU baseline with the tensorboard package hidden: one note saying how to get
+    the event files, exit 0, the variant in summary.json and the checkpoint fingerprint."""
+    _, data_dir = trained
+    hide = tmp_path / "no-tensorboard"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['tensorboard'] = None\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(hide)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    run_dir = tmp_path / "run"
+    result = run(train_cpu(run_dir, data_dir, "--steps", "2", "--polycom-activation", "none",
+                           "--swiglu", "--eval-iters", "1"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stdout.splitlines() if "TensorBoard" in line]
+    assert notes == [f"note: no TensorBoard logs are written to {run_dir / 'tensorboard'} (the "
+                     "tensorboard package is missing; pip install 'polycom-megatron[experiments]')"]
+    assert not (run_dir / "tensorboard").exists()
+    assert "swiglu (stock Megatron MLP)" in result.stdout
+    assert "not exporting to transformers" in result.stdout
+    summary = __import__("json").loads((run_dir / "summary.json").read_text())
+    assert summary["activation"] == "swiglu" and summary["tensorboard_dir"] is None
+    assert list(summary["validation"]) == ["2"]
+
+    result = run(train_cpu(run_dir, data_dir, "--steps", "3", "--resume"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert_one_line_per_problem(result, "trained with --polycom-activation none, this run asks for polynorm",
+                                "trained with --swiglu on, this run asks for off")
+
+
+def test_a_resume_with_another_split_is_refused_naming_the_flag(copy):
+    run_dir, data_dir = copy
+    result = run(train_cpu(run_dir, data_dir, "--steps", "6", "--resume", "--split", "80,20,0"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert_one_line_per_problem(
+        result, "was trained with --split 90,10,0, this run asks for 80,20,0; resume with --split 90,10,0")
+    assert len(error_lines(result)) == 1
+    # The same shares written otherwise are the same split.
+    result = run(train_cpu(run_dir, data_dir, "--steps", "5", "--resume", "--split", "9,1"))
+    assert result.returncode == 0, result.stderr[-3000:]

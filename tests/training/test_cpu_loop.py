@@ -7,6 +7,7 @@ DDP, optimizer, scheduler, schedule and dist_checkpointing, on spawned ranks wit
 """
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def small_job(output_dir: Path, data_dir: Path, **changes) -> CpuJob:
         dropout=0.1,
         vocab_size=1024,
         log_interval=100,
+        eval_iters=2,
     )
     fields.update(changes)
     return CpuJob(**fields).validate()
@@ -58,20 +60,29 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, data_dir):
-    """STEPS steps in one go."""
-    job = small_job(tmp_path_factory.mktemp("straight"), data_dir)
+    """STEPS steps in one go, validating every 2 steps (the halves below validate only at
+    their ends: equal training losses show that validation leaves training untouched)."""
+    job = small_job(tmp_path_factory.mktemp("straight"), data_dir, eval_interval=2)
     return cpu_loop.run(job, prepare_quietly=True, deadline_s=DEADLINE_S)
 
 
-def test_resumed_run_reproduces_the_uninterrupted_run(straight, data_dir, tmp_path):
-    half = STEPS // 2
+@pytest.fixture(scope="module")
+def halves(tmp_path_factory, data_dir):
+    """(run dir, first half, second half): STEPS // 2 steps, then --resume to STEPS."""
+    out = tmp_path_factory.mktemp("halves")
     first = cpu_loop.run(
-        small_job(tmp_path, data_dir, steps=half, save_interval=2),
+        small_job(out, data_dir, steps=STEPS // 2, save_interval=2),
         prepare_quietly=True, deadline_s=DEADLINE_S,
     )
     second = cpu_loop.run(
-        small_job(tmp_path, data_dir, resume=True), prepare_quietly=True, deadline_s=DEADLINE_S
+        small_job(out, data_dir, resume=True), prepare_quietly=True, deadline_s=DEADLINE_S
     )
+    return out, first, second
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run(straight, halves):
+    half = STEPS // 2
+    tmp_path, first, second = halves
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "iter_0000002").is_dir(), "--save-interval 2 saves along the way"
     assert first.checkpoint_path == str(ckpts / "iter_0000004")
@@ -85,6 +96,32 @@ def test_resumed_run_reproduces_the_uninterrupted_run(straight, data_dir, tmp_pa
         for step, loss in part.losses.items():
             assert loss == pytest.approx(straight.losses[step], rel=1e-6, abs=1e-7), step
             assert part.grad_norms[step] == pytest.approx(straight.grad_norms[step], rel=1e-6), step
+
+
+def test_validation_is_held_out_deterministic_and_unaffected_by_resume(straight, halves):
+    _, first, second = halves
+    assert sorted(straight.validation) == [2, 4, 6, 8]
+    assert sorted(first.validation) == [4] and sorted(second.validation) == [8]
+    for part in (first, second):
+        for step, found in part.validation.items():
+            assert found["loss"] == pytest.approx(straight.validation[step]["loss"], rel=1e-6)
+    for step, found in straight.validation.items():
+        assert found["ppl"] == pytest.approx(math.exp(found["loss"]), rel=1e-12)
+        # Held-out documents: above the training loss once training has fit a little.
+        assert found["loss"] > 0
+    assert straight.validation[8]["loss"] < straight.validation[2]["loss"]
+    # --eval-iters 2 global batches of 8 sequences of 64 tokens each time.
+    assert straight.validation_tokens == 2 * 8 * 64
+
+
+def test_summary_json_holds_what_a_comparison_reads(straight):
+    summary = json.loads((Path(straight.checkpoint_path).parents[1] / "summary.json").read_text())
+    assert summary["activation"] == "polynorm" and summary["ffn_hidden"] == 128
+    assert summary["seed"] == 1234 and summary["split"] == "90,10,0"
+    assert summary["tokens_per_s"] == pytest.approx(straight.tokens_per_s) and summary["tokens_per_s"] > 0
+    assert {int(k): v for k, v in summary["validation"].items()} == straight.validation
+    assert {int(k): v for k, v in summary["losses"].items()} == straight.losses
+    assert len(summary["learning_rates"]) == STEPS
 
 
 def test_loss_falls(straight):
@@ -115,6 +152,10 @@ def test_tensor_parallel_trains_the_same_model_as_data_parallel(data_dir, tmp_pa
     assert "DP 2" in runs[1].layout and "TP 2" in runs[2].layout
     for step, loss in runs[1].losses.items():
         assert runs[2].losses[step] == pytest.approx(loss, rel=1e-4), step
+    # Validation: the loss of the last stage's TP rank 0, token-weighted over DP ranks.
+    assert list(runs[1].validation) == list(runs[2].validation) == [STEPS]
+    assert runs[2].validation[STEPS]["loss"] == pytest.approx(
+        runs[1].validation[STEPS]["loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -161,3 +202,82 @@ def test_train_cpu_command_trains_the_gated_form(data_dir, tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_iteration"] == 6
+    assert summary["activation"] == "polynorm-glu" and summary["ffn_hidden"] == 128
+    assert list(summary["validation"]) == ["6"]
+    assert "validation loss at iteration     6 | lm loss value: " in done.stdout
+
+
+# Megatron-LM's TensorBoard tags (megatron/training/training.py: training_log and
+# evaluate_and_print_results with --log-validation-ppl-to-tensorboard).
+MEGATRON_SCALARS = [
+    "lm loss", "lm loss vs samples", "learning-rate", "learning-rate vs samples",
+    "grad-norm", "grad-norm vs samples", "batch-size", "batch-size vs samples",
+    "iteration-time", "lm loss validation", "lm loss validation vs samples",
+    "lm loss validation ppl", "lm loss validation ppl vs samples",
+]
+
+
+def events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"),
+                                   size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator, found
+
+
+def scalars(accumulator, tag: str) -> dict:
+    return {e.step: e.value for e in accumulator.Scalars(tag)}
+
+
+def test_tensorboard_events_carry_megatron_tags_and_the_summary_values(straight):
+    pytest.importorskip("tensorboard")
+    from tensorboard.util.tensor_util import make_ndarray
+
+    run_dir = Path(straight.checkpoint_path).parents[1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tensorboard_dir"] == str(run_dir / "tensorboard")
+    accumulator, files = events(run_dir)
+    assert len(files) == 1, "one writer (the last rank)"
+    assert sorted(accumulator.Tags()["scalars"]) == sorted(MEGATRON_SCALARS)
+
+    def approx(values):
+        return pytest.approx(values, rel=1e-6)  # event files hold float32
+
+    steps = list(range(1, STEPS + 1))
+    assert scalars(accumulator, "lm loss") == approx({int(k): v for k, v in summary["losses"].items()})
+    assert scalars(accumulator, "grad-norm") == approx({int(k): v for k, v in summary["grad_norms"].items()})
+    assert scalars(accumulator, "learning-rate") == approx(
+        {int(k): v for k, v in summary["learning_rates"].items()})
+    assert scalars(accumulator, "lm loss vs samples") == approx(
+        {8 * s: summary["losses"][str(s)] for s in steps})
+    validation = {int(k): v for k, v in summary["validation"].items()}
+    assert scalars(accumulator, "lm loss validation") == approx({s: v["loss"] for s, v in validation.items()})
+    assert scalars(accumulator, "lm loss validation ppl") == approx({s: v["ppl"] for s, v in validation.items()})
+    assert scalars(accumulator, "lm loss validation ppl vs samples") == approx(
+        {8 * s: v["ppl"] for s, v in validation.items()})
+    times = scalars(accumulator, "iteration-time")
+    assert list(times) == [STEPS] and times[STEPS] > 0  # --log-interval 100: at the end
+
+    texts = {tag[: -len("/text_summary")]: make_ndarray(accumulator.Tensors(tag)[0].tensor_proto)
+             .item().decode() for tag in accumulator.Tags()["tensors"]}
+    expected = dict(
+        seq_length="64", global_batch_size="8", micro_batch_size="2", ffn_hidden_size="128",
+        hidden_size="64", num_layers="2", num_experts="4", swiglu="False",
+        polycom_activation="polynorm", polycom_gated="False", seed="1234", world_size="2",
+        tensor_model_parallel_size="1", expert_model_parallel_size="2", split="90,10,0",
+        eval_iters="2", eval_interval="2", train_iters=str(STEPS),
+    )
+    assert {k: texts.get(k) for k in expected} == expected
+
+
+def test_a_resumed_run_appends_to_the_same_tensorboard_dir(straight, halves):
+    pytest.importorskip("tensorboard")
+    run_dir, _, _ = halves
+    accumulator, files = events(run_dir)
+    assert len(files) == 2, "a new events file per run, in the same directory"
+    losses = scalars(accumulator, "lm loss")
+    assert list(losses) == list(range(1, STEPS + 1))
+    assert losses == pytest.approx(straight.losses, rel=1e-6)
+    assert sorted(scalars(accumulator, "lm loss validation")) == [STEPS // 2, STEPS]

@@ -30,7 +30,7 @@ def job(output_dir: Path, data_dir: Path, **layout) -> CpuJob:
     fields = dict(
         output_dir=output_dir, data=data_dir, steps=STEPS, save_interval=2, layers=2,
         hidden=32, heads=4, seq_len=32, micro_batch=1, global_batch=4, vocab_size=512,
-        lr=1e-2, lr_decay_steps=STEPS, dropout=0.0, log_interval=100,
+        lr=1e-2, lr_decay_steps=STEPS, dropout=0.0, log_interval=100, eval_iters=2,
     )
     fields.update(layout)
     return CpuJob(**fields).validate()
@@ -83,6 +83,8 @@ def test_layout_change_reshards_model_and_optimizer(base, data_dir, tmp_path, fa
     for step in (3, 4):
         assert resumed.losses[step] == pytest.approx(straight.losses[step], rel=1e-5), step
         assert resumed.grad_norms[step] == pytest.approx(straight.grad_norms[step], rel=1e-4), step
+    # Validation at the end, from the last stage, token-weighted over DP: layout-independent.
+    assert resumed.validation[4]["loss"] == pytest.approx(straight.validation[4]["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
