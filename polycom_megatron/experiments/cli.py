@@ -15,6 +15,7 @@ Flags it does not know go to every ``train-cpu`` run unchanged (``--hidden 256``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -159,7 +160,15 @@ def from_logs(args) -> int:
     return 0
 
 
+def _needs_report_packages() -> None:
+    """Before hours of training, not after: the report needs these (the experiments extra)."""
+    for name in ("tensorboard", "matplotlib"):
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
 def train_and_compare(args, extra: Sequence[str]) -> int:
+    _needs_report_packages()
     width = swiglu_width(args)
     common = common_argv(args, extra)
     tp = int(common[common.index("--tp") + 1]) if "--tp" in common else 1
