@@ -23,11 +23,12 @@ SUBCOMMANDS = {
     "export-hf": ("polycom_megatron.hf.cli:export_main", "Megatron checkpoint -> transformers model"),
     "import-hf": ("polycom_megatron.hf.cli:import_main", "transformers model -> Megatron checkpoint"),
     "perplexity": ("polycom_megatron.hf.perplexity", "perplexity of an exported model on text/data"),
+    "compare": ("polycom_megatron.experiments.cli", "PolyCom vs SwiGLU twins over seeds, or from logs"),
 }
 DEBUG_VARIABLE = "POLYCOM_DEBUG"
 # Optional packages (pyproject.toml's extras) a command may need: package -> extra.
 OPTIONAL_PACKAGES = {"transformers": "hf", "safetensors": "hf", "google": "hf",
-                     "matplotlib": "bench", "triton": "triton"}
+                     "matplotlib": "bench", "tensorboard": "experiments", "triton": "triton"}
 # What a shell reports for a process ended by SIGINT (128 + 2).
 INTERRUPTED = 130
 
