@@ -38,13 +38,11 @@ from polycom_megatron.data.manifest import (
 )
 from polycom_megatron.data.encode import Batch, Encoded, batched, encode_batches
 from polycom_megatron.data.progress import Progress
-from polycom_megatron.data.readers import INPUT_FORMATS, RawRecord, read_raw_records
+from polycom_megatron.data.readers import RawRecord, check_readable, read_raw_records
 from polycom_megatron.data.sources import (
-    TEXT_SPLITS,
     BadRecordLog,
     BadRecordStats,
     PathLike,
-    check_choice,
     describe_bad_records,
     resolve_input_files,
 )
@@ -142,13 +140,15 @@ def build_indexed_dataset(
     if not overwrite:
         refuse_existing(outputs, "--output-prefix", _describe_existing(output_prefix))
     check_writable_dir(output_prefix.parent, "the output directory")
+    reading = dict(json_key=json_key, input_format=input_format, text_split=text_split)
+    for path in paths:  # a wrong column, a corrupt file, a missing extra: before any work
+        check_readable(path, **reading)
     indexed = _import_indexed_dataset()  # seconds: after the checks that fail fast
     tokenizer_model = Path(tokenizer_model)
     tokenizer = load_tokenizer(tokenizer_model)
     eod_id = _eod_id(tokenizer, tokenizer_model) if append_eod else None
     dtype = token_dtype_for_vocab(tokenizer.get_piece_size())
     bin_path, idx_path, manifest_file = outputs
-    reading = dict(json_key=json_key, input_format=input_format, text_split=text_split)
 
     own = staging is None
     staging = Staging() if own else staging
@@ -251,8 +251,6 @@ def resolve_workers(workers: Optional[int]) -> int:
 
 
 def _raw_records(paths: List[Path], reading: Dict[str, str]) -> Iterator[Tuple[int, RawRecord]]:
-    check_choice("input_format", reading["input_format"], INPUT_FORMATS)
-    check_choice("text_split", reading["text_split"], TEXT_SPLITS)
     for index, path in enumerate(paths):
         for raw in read_raw_records(path, **reading):
             yield index, raw

@@ -6,9 +6,9 @@ here (``workers=1``) or in ``workers`` spawned processes, each loading the Sente
 model once. Batches come back in input order and at most ``2 * workers`` are in flight, so
 memory stays bounded however large the input.
 
-Long documents are encoded in slices: SentencePiece keeps some 30 bytes per character of
-its input while encoding (a 50 MB document took 2.7 GB) and Python's list of ids another
-36 bytes per token. A slice boundary is put only where no piece of the vocabulary can
+Long documents are encoded in slices of about ``SLICE_CHARS`` characters: SentencePiece
+keeps some 30 bytes per character of its input while encoding (a 50 MB document took
+2.7 GB) and Python's list of ids another 36 bytes per token. A slice boundary is put only where no piece of the vocabulary can
 cross it, right before a space that follows a non-space, so the ids are the ones encoding
 the whole text gives, as Megatron-LM's tools/preprocess_data.py does. That holds when the
 model normalizes character by character (checked on every slice with SentencePiece's own
@@ -28,7 +28,7 @@ import numpy as np
 from polycom_megatron.data.sources import BadReason, BadRecord, Record, to_text
 
 SPACE = "\u2581"  # SentencePiece's whitespace symbol
-SLICE_CHARS = 1 << 20  # documents longer than this are encoded in slices of about this size
+SLICE_CHARS = 1 << 16  # documents longer than this are encoded in slices of about this size
 
 Encoded = Union[np.ndarray, BadReason, BadRecord]
 

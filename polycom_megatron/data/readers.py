@@ -25,6 +25,7 @@ from typing import BinaryIO, Iterator, List, Optional, Union
 from polycom_megatron.data.errors import DataError
 
 INPUT_FORMATS = ("auto", "jsonl", "text", "parquet", "hf")
+TEXT_SPLITS = ("paragraph", "line")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -266,10 +267,30 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def check_readable(path: Path, json_key: str, input_format: str, text_split: str) -> None:
+    """Read the first record of ``path``: a missing column or extra, a file that is not the
+    format it claims, fails here, before hours of work on the inputs before it."""
+    records = read_raw_records(path, json_key, input_format, text_split)
+    try:
+        next(records, None)
+    finally:
+        records.close()
+
+
 def read_raw_records(
     path: Path, json_key: str, input_format: str, text_split: str
 ) -> Iterator[RawRecord]:
     """Every raw record of one input, in order."""
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, "
+                         f"not {input_format!r}")
+    if text_split not in TEXT_SPLITS:
+        raise ValueError(f"text_split must be one of {', '.join(TEXT_SPLITS)}, "
+                         f"not {text_split!r}")
+    yield from _read(path, json_key, input_format, text_split)
+
+
+def _read(path: Path, json_key: str, input_format: str, text_split: str) -> Iterator[RawRecord]:
     fmt = input_format_of(path, input_format)
     if fmt == "hf":
         return read_hf_dataset(path, json_key)

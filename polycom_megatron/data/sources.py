@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from polycom_megatron.data.errors import DataError
-from polycom_megatron.data.readers import INPUT_FORMATS, read_raw_records
+from polycom_megatron.data.readers import INPUT_FORMATS, TEXT_SPLITS, read_raw_records
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-TEXT_SPLITS = ("paragraph", "line")
 
 # Why a record was skipped -> what that means, for summaries and error messages.
 BAD_RECORD_REASONS: Dict[str, str] = {
@@ -146,10 +145,7 @@ def iter_records(
     text_split: str = "paragraph",
 ) -> Iterator[Union[Record, BadRecord]]:
     """Yield every record of one input, usable (``Record``) or not (``BadRecord``), in order."""
-    path = Path(path)
-    check_choice("input_format", input_format, INPUT_FORMATS)
-    check_choice("text_split", text_split, TEXT_SPLITS)
-    for raw in read_raw_records(path, json_key, input_format, text_split):
+    for raw in read_raw_records(Path(path), json_key, input_format, text_split):
         text = to_text(raw.payload, json_key)
         if isinstance(text, str):
             yield Record(text, raw.location, raw.offset)
