@@ -131,7 +131,8 @@ def build_indexed_dataset(
     ``NoValidRecordsError``. Existing output is refused unless ``overwrite``; it is replaced
     only once the new dataset is complete and checked, so an interrupted, killed or failed
     build leaves it as it was. Tokenizing runs in ``workers`` processes (default: one per
-    core; 1: in this process), and the output is the same whatever their number. With ``staging`` the .bin/.idx are only staged there and the
+    core; 1: in this process), and the output is the same whatever their number. With
+    ``staging`` the .bin/.idx are only staged there and the
     manifest is returned in the summary, for the caller to add to and commit (``prepare``).
     """
     paths = resolve_input_files(inputs)

@@ -22,7 +22,8 @@ from polycom_megatron.data.check import stale_partial_note, verify_dataset
 from polycom_megatron.data.errors import DataError
 from polycom_megatron.data.files import check_writable_dir, note
 from polycom_megatron.data.prepare import prepare
-from polycom_megatron.data.sources import INPUT_FORMATS, TEXT_SPLITS, pydoc_corpus
+from polycom_megatron.data.readers import INPUT_FORMATS, TEXT_SPLITS
+from polycom_megatron.data.sources import pydoc_corpus
 from polycom_megatron.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     MIN_VOCAB_SIZE,
@@ -71,7 +72,8 @@ def add_subparsers(subparsers: "argparse._SubParsersAction") -> None:
 
     build = subparsers.add_parser("build", help="tokenize files into PREFIX.bin/.idx",
                                   allow_abbrev=False)
-    build.add_argument("inputs", nargs="+", type=Path, help="JSONL (.gz, .zst), text or Parquet files, or datasets directories")
+    build.add_argument("inputs", nargs="+", type=Path,
+                       help="JSONL (.gz, .zst), text or Parquet files, or datasets directories")
     build.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model")
     build.add_argument("--output-prefix", type=Path, required=True,
                        help="writes PREFIX.bin, PREFIX.idx (Megatron's --data-path) and "

@@ -8,9 +8,9 @@ memory stays bounded however large the input.
 
 Long documents are encoded in slices of about ``SLICE_CHARS`` characters: SentencePiece
 keeps some 30 bytes per character of its input while encoding (a 50 MB document took
-2.7 GB) and Python's list of ids another 36 bytes per token. A slice boundary is put only where no piece of the vocabulary can
-cross it, right before a space that follows a non-space, so the ids are the ones encoding
-the whole text gives, as Megatron-LM's tools/preprocess_data.py does. That holds when the
+2.7 GB) and Python's list of ids another 36 bytes per token. A slice boundary is put only
+where no piece of the vocabulary can cross it, right before a space that follows a
+non-space, so the ids are the ones encoding the whole text gives, as Megatron-LM's tools/preprocess_data.py does. That holds when the
 model normalizes character by character (checked on every slice with SentencePiece's own
 normalizer) and no piece has the space symbol after another character (checked once per
 model); otherwise the document is encoded whole.

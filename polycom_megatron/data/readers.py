@@ -20,7 +20,7 @@ import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, List, Optional, Union
+from typing import BinaryIO, Iterator, List, Optional
 
 from polycom_megatron.data.errors import DataError
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from polycom_megatron.data.errors import DataError
-from polycom_megatron.data.readers import INPUT_FORMATS, TEXT_SPLITS, read_raw_records
+from polycom_megatron.data.readers import read_raw_records
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from polycom_megatron.data import build_indexed_dataset
 from polycom_megatron.data.sources import pydoc_corpus_bytes

@@ -56,8 +56,9 @@ def inputs(tmp_path_factory):
 def test_every_format_gives_the_jsonl_dataset(inputs, tokenizer, tmp_path):
     built = {}
     for name, path in inputs.items():
-        summary = build_indexed_dataset(path, tokenizer.model_path, tmp_path / name.replace(".", "_"),
-                                        progress=False, workers=1)
+        prefix = tmp_path / name.replace(".", "_")
+        summary = build_indexed_dataset(path, tokenizer.model_path, prefix, progress=False,
+                                        workers=1)
         assert summary.documents == len(TEXTS), name
         built[name] = (Path(f"{summary.output_prefix}.bin").read_bytes(),
                        Path(f"{summary.output_prefix}.idx").read_bytes())
