@@ -2,11 +2,13 @@
 
 One module per job, in the order a fresh machine needs them:
 
-* ``sources``: input files -> documents (JSONL, plain text; bad records counted) and the
-  offline pydoc corpus;
+* ``readers``: input formats (JSONL plain/.gz/.zst, text, Parquet, datasets directories)
+  -> raw records, streamed;
+* ``sources``: raw records -> documents (bad records counted) and the offline pydoc corpus;
 * ``tokenizer``: train and load SentencePiece models;
-* ``build``: documents -> ``<prefix>.bin``/``.idx`` with Megatron-Core's builder, plus the
-  manifest; ``progress``: its progress line;
+* ``encode``: documents -> token ids, in worker processes, long ones in slices;
+* ``build``: token ids -> ``<prefix>.bin``/``.idx`` with Megatron-Core's builder, plus the
+  manifest; ``progress``: its progress bar;
 * ``manifest``: what a built dataset is (inputs, tokenizer, counts, checksums);
 * ``check``: is a dataset intact and made by this tokenizer (``verify_dataset``);
 * ``prepare``: all of the above into one directory, and reusing a prepared one;

@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, TextIO, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
 
 import numpy as np
 
@@ -36,21 +36,23 @@ from polycom_megatron.data.manifest import (
     new_manifest,
     sha256_file,
 )
+from polycom_megatron.data.encode import Batch, Encoded, batched, encode_batches
 from polycom_megatron.data.progress import Progress
+from polycom_megatron.data.readers import RawRecord, check_readable, read_raw_records
 from polycom_megatron.data.sources import (
-    BadRecord,
     BadRecordLog,
     BadRecordStats,
     PathLike,
-    Record,
     describe_bad_records,
-    iter_records,
     resolve_input_files,
 )
 from polycom_megatron.data.tokenizer import load_tokenizer
 
 # Megatron's own prefix convention for tokenized text (tools/preprocess_data.py).
 DEFAULT_DATASET_NAME = "corpus_text_document"
+# Payload bytes per batch sent to a worker: big enough to amortise the pickling, small
+# enough that 2 batches per worker in flight cost little memory.
+BATCH_BYTES = 1 << 20
 
 
 
@@ -114,7 +116,7 @@ def build_indexed_dataset(
     input_format: str = "auto",
     text_split: str = "paragraph",
     batch_size: int = 256,
-    num_threads: Optional[int] = None,
+    workers: Optional[int] = None,
     progress: bool = True,
     progress_stream: Optional[TextIO] = None,
     overwrite: bool = False,
@@ -128,7 +130,9 @@ def build_indexed_dataset(
     ``sources``; bad records are skipped and counted, and a file with no usable record raises
     ``NoValidRecordsError``. Existing output is refused unless ``overwrite``; it is replaced
     only once the new dataset is complete and checked, so an interrupted, killed or failed
-    build leaves it as it was. With ``staging`` the .bin/.idx are only staged there and the
+    build leaves it as it was. Tokenizing runs in ``workers`` processes (default: one per
+    core; 1: in this process), and the output is the same whatever their number. With
+    ``staging`` the .bin/.idx are only staged there and the
     manifest is returned in the summary, for the caller to add to and commit (``prepare``).
     """
     paths = resolve_input_files(inputs)
@@ -137,36 +141,37 @@ def build_indexed_dataset(
     if not overwrite:
         refuse_existing(outputs, "--output-prefix", _describe_existing(output_prefix))
     check_writable_dir(output_prefix.parent, "the output directory")
+    reading = dict(json_key=json_key, input_format=input_format, text_split=text_split)
+    for path in paths:  # a wrong column, a corrupt file, a missing extra: before any work
+        check_readable(path, **reading)
     indexed = _import_indexed_dataset()  # seconds: after the checks that fail fast
     tokenizer_model = Path(tokenizer_model)
     tokenizer = load_tokenizer(tokenizer_model)
     eod_id = _eod_id(tokenizer, tokenizer_model) if append_eod else None
     dtype = token_dtype_for_vocab(tokenizer.get_piece_size())
     bin_path, idx_path, manifest_file = outputs
-    reading = dict(json_key=json_key, input_format=input_format, text_split=text_split)
 
     own = staging is None
     staging = Staging() if own else staging
     with staging if own else contextlib.nullcontext():
         partial_bin, partial_idx = staging.add(bin_path), staging.add(idx_path)
         started = time.perf_counter()
-        bad = BadRecordLog()
-        documents = tokens = 0
         progress_bar = Progress(paths, enabled=progress, stream=progress_stream or sys.stderr)
         builder = indexed.IndexedDatasetBuilder(str(partial_bin), dtype=dtype)
         try:
-            for path in paths:
-                writer = _FileWriter(path, tokenizer, builder, eod_id, batch_size, num_threads)
-                writer.run(iter_records(path, **reading), progress_bar)
-                if writer.documents == 0:
-                    raise NoValidRecordsError(_no_valid_records_message(path, writer.bad, json_key))
-                documents += writer.documents
-                tokens += writer.tokens
-                bad.merge(writer.bad)
+            writer = _Writer(paths, builder, json_key, progress_bar)
+            batches = batched(_raw_records(paths, reading), batch_size, BATCH_BYTES)
+            for batch, results in encode_batches(
+                batches, resolve_workers(workers), tokenizer.serialized_model_proto(),
+                json_key, eod_id, dtype,
+            ):
+                writer.add(batch, results)
+            writer.close()
             builder.finalize(str(partial_idx))
         finally:
             progress_bar.finish()  # so what follows starts on a line of its own
             _close(builder)
+        documents, tokens, bad = writer.documents, writer.tokens, writer.bad
         itemsize = np.dtype(dtype).itemsize
         staging.finish(bin_path, expected_bytes=tokens * itemsize)
         staging.finish(idx_path)
@@ -234,57 +239,67 @@ def _import_indexed_dataset():
     return indexed_dataset
 
 
-class _FileWriter:
-    """Tokenizes the records of one file in batches and appends them to the builder."""
+def resolve_workers(workers: Optional[int]) -> int:
+    """``workers``, or one per core this process may run on."""
+    if workers is None:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
+    return workers
 
-    def __init__(
-        self,
-        path: Path,
-        tokenizer,  # sentencepiece.SentencePieceProcessor
-        builder,  # megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder
-        eod_id: Optional[int],
-        batch_size: int,
-        num_threads: Optional[int],
-    ) -> None:
-        self.path = path
-        self.tokenizer = tokenizer
-        self.builder = builder
-        self.eod_id = eod_id
-        self.batch_size = max(1, batch_size)
-        self.num_threads = num_threads or os.cpu_count() or 1
+
+def _raw_records(paths: List[Path], reading: Dict[str, str]) -> Iterator[Tuple[int, RawRecord]]:
+    for index, path in enumerate(paths):
+        for raw in read_raw_records(path, **reading):
+            yield index, raw
+
+
+class _Writer:
+    """Appends encoded documents to the builder in input order, file by file, counting bad
+    records and refusing a file that gave no document at all."""
+
+    def __init__(self, paths: List[Path], builder, json_key: str, progress: Progress) -> None:
+        self.paths = paths
+        self.builder = builder  # megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder
+        self.json_key = json_key
+        self.progress = progress
         self.bad = BadRecordLog()
-        self.documents = 0
-        self.tokens = 0
+        self.documents = self.tokens = 0
+        self.file_index = 0
+        self.file_bad = BadRecordLog()
+        self.file_documents = self.file_tokens = 0
 
-    def run(self, records: Iterable[Union[Record, BadRecord]], progress: Progress) -> None:
-        batch: List[Record] = []
-        for item in records:
-            if isinstance(item, BadRecord):
-                self.bad.add(item.reason, item.location)
-                continue
-            batch.append(item)
-            if len(batch) >= self.batch_size:
-                self._write(batch)
-                progress.update(self.path, batch[-1].offset, self.documents, self.tokens)
-                batch = []
-        if batch:
-            self._write(batch)
-        progress.file_done(self.path, self.documents, self.tokens)
+    def add(self, batch: Batch, results: List[Encoded]) -> None:
+        while self.file_index < batch.file_index:
+            self._file_done()
+        for location, result in zip(batch.locations, results):
+            if isinstance(result, np.ndarray):
+                # Lengths as a list, as Megatron's own tools/preprocess_data.py passes them.
+                self.builder.add_document(result, [len(result)])
+                self.file_documents += 1
+                self.file_tokens += len(result)
+            else:
+                self.file_bad.add(result.reason, location)
+        self.progress.update(batch.offsets[-1], self.file_documents, self.file_tokens)
 
-    def _write(self, batch: List[Record]) -> None:
-        # One call for the whole batch lets SentencePiece tokenize on several threads.
-        encoded = self.tokenizer.encode([r.text for r in batch], num_threads=self.num_threads)
-        for record, ids in zip(batch, encoded):
-            if not ids:
-                self.bad.add("no_tokens", record.location)
-                continue
-            if self.eod_id is not None:
-                ids.append(self.eod_id)
-            # A plain list, as Megatron's own tools/preprocess_data.py passes it: every
-            # megatron-core version's add_document does numpy.array(ids, dtype=its dtype).
-            self.builder.add_document(ids, [len(ids)])
-            self.documents += 1
-            self.tokens += len(ids)
+    def close(self) -> None:
+        while self.file_index < len(self.paths):
+            self._file_done()
+
+    def _file_done(self) -> None:
+        path = self.paths[self.file_index]
+        if self.file_documents == 0:
+            raise NoValidRecordsError(_no_valid_records_message(path, self.file_bad, self.json_key))
+        self.progress.file_done(path, self.file_documents, self.file_tokens)
+        self.documents += self.file_documents
+        self.tokens += self.file_tokens
+        self.bad.merge(self.file_bad)
+        self.file_index += 1
+        self.file_bad = BadRecordLog()
+        self.file_documents = self.file_tokens = 0
 
 
 def _eod_id(tokenizer, model_path: PathLike) -> int:

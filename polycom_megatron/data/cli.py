@@ -22,7 +22,8 @@ from polycom_megatron.data.check import stale_partial_note, verify_dataset
 from polycom_megatron.data.errors import DataError
 from polycom_megatron.data.files import check_writable_dir, note
 from polycom_megatron.data.prepare import prepare
-from polycom_megatron.data.sources import INPUT_FORMATS, TEXT_SPLITS, pydoc_corpus
+from polycom_megatron.data.readers import INPUT_FORMATS, TEXT_SPLITS
+from polycom_megatron.data.sources import pydoc_corpus
 from polycom_megatron.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     MIN_VOCAB_SIZE,
@@ -71,14 +72,16 @@ def add_subparsers(subparsers: "argparse._SubParsersAction") -> None:
 
     build = subparsers.add_parser("build", help="tokenize files into PREFIX.bin/.idx",
                                   allow_abbrev=False)
-    build.add_argument("inputs", nargs="+", type=Path, help="JSONL or text files")
+    build.add_argument("inputs", nargs="+", type=Path,
+                       help="JSONL (.gz, .zst), text or Parquet files, or datasets directories")
     build.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model")
     build.add_argument("--output-prefix", type=Path, required=True,
                        help="writes PREFIX.bin, PREFIX.idx (Megatron's --data-path) and "
                        "PREFIX.manifest.json")
     build.add_argument("--no-eod", dest="append_eod", action="store_false",
                        help="do not append the end-of-document token to each document")
-    build.add_argument("--quiet", action="store_true", help="no progress line")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_workers(build)
     _add_reading_arguments(build)
     _add_overwrite(build, "an existing dataset at PREFIX")
     build.set_defaults(func=_cmd_build)
@@ -105,7 +108,8 @@ def add_subparsers(subparsers: "argparse._SubParsersAction") -> None:
     prep.add_argument("--max-docs", type=positive_int, default=None,
                       help="pydoc corpus only: keep the first N topics")
     prep.add_argument("--name", default=DEFAULT_DATASET_NAME, help="dataset file name prefix")
-    prep.add_argument("--quiet", action="store_true", help="no progress line")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_workers(prep)
     _add_reading_arguments(prep)
     _add_overwrite(prep, "a directory prepared with other settings (or without a manifest)")
     prep.set_defaults(func=_cmd_prepare)
@@ -114,10 +118,18 @@ def add_subparsers(subparsers: "argparse._SubParsersAction") -> None:
 def _add_reading_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
     parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
-                        help="auto: .jsonl/.ndjson/.json are JSON Lines, anything else text")
+                        help="auto: .jsonl/.ndjson/.json (also .gz, .zst) are JSON Lines, "
+                        ".parquet Parquet, a directory a datasets save_to_disk, anything "
+                        "else text")
     parser.add_argument("--text-split", choices=TEXT_SPLITS, default="paragraph",
                         help="plain text: documents are blank-line separated paragraphs, "
                         "or single lines")
+
+
+def _add_workers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="tokenizing processes (default: one per core; 1: no pool); "
+                        "the dataset is the same whatever the number")
 
 
 def _add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
@@ -148,7 +160,8 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     summary = build_indexed_dataset(
         args.inputs, args.tokenizer, args.output_prefix, append_eod=args.append_eod,
-        progress=not args.quiet, overwrite=args.overwrite, **_reading_kwargs(args),
+        progress=not args.quiet, overwrite=args.overwrite, workers=args.workers,
+        **_reading_kwargs(args),
     )
     print(summary.describe())
     # Checking what landed on disk costs one read and catches a flaky filesystem now.
@@ -169,7 +182,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     summary = prepare(
         args.output_dir, args.inputs, args.vocab_size, model_type=args.model_type,
         max_docs=args.max_docs, dataset_name=args.name, progress=not args.quiet,
-        overwrite=args.overwrite, **_reading_kwargs(args),
+        overwrite=args.overwrite, workers=args.workers, **_reading_kwargs(args),
     )
     print(summary.describe())
     return 0

@@ -111,6 +111,7 @@ def prepare(
     dataset_name: str = DEFAULT_DATASET_NAME,
     progress: bool = True,
     overwrite: bool = False,
+    workers: Optional[int] = None,
 ) -> PrepareSummary:
     """Corpus -> tokenizer -> indexed dataset -> check, all inside ``output_dir``.
 
@@ -144,7 +145,7 @@ def prepare(
                                     **reading)
         build = build_indexed_dataset(
             input_paths, staging.add(model_path), prefix, progress=progress, overwrite=True,
-            staging=staging, **reading,
+            staging=staging, workers=workers, **reading,
         )
         manifest = build.manifest
         manifest.prepare = settings

@@ -1,4 +1,4 @@
-"""A one-line progress report for long data jobs."""
+"""The progress bar of long data jobs (tqdm): input bytes read, documents, tokens/s."""
 
 from __future__ import annotations
 
@@ -6,52 +6,46 @@ import time
 from pathlib import Path
 from typing import List, TextIO
 
+from polycom_megatron.data.readers import input_size
+
 
 class Progress:
-    """A one-line progress report on stderr: percent of input bytes, documents, tokens/s.
+    """A tqdm bar over the input bytes, with documents and tokens/s after it.
 
-    Redraws in place a few times a second on a terminal; in a log file it writes a new line
-    every 30 s instead, so logs stay short.
+    Drawn only on a terminal: in a log file the summary printed at the end says it all.
     """
 
     def __init__(self, paths: List[Path], enabled: bool, stream: TextIO) -> None:
-        self.enabled = enabled
-        self.stream = stream
-        self.total_bytes = sum(p.stat().st_size for p in paths) or 1
         self.done_bytes = 0  # bytes of files already finished
         self.documents = self.tokens = 0  # of files already finished
         self.started = time.perf_counter()
-        self.is_tty = hasattr(stream, "isatty") and stream.isatty()
-        self.interval = 0.25 if self.is_tty else 30.0
-        self.last_draw = 0.0
-        self.drawn = False
+        self.bar = None
+        if enabled and hasattr(stream, "isatty") and stream.isatty():
+            from tqdm import tqdm
 
-    def update(self, path: Path, offset: int, documents: int, tokens: int, force=False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self.last_draw < self.interval):
+            self.bar = tqdm(total=sum(input_size(p) for p in paths), unit="B", unit_scale=True,
+                            unit_divisor=1024, desc="data build", file=stream, leave=True,
+                            dynamic_ncols=True, mininterval=0.25)
+
+    def update(self, offset: int, documents: int, tokens: int) -> None:
+        """Reading the current file has got to ``offset``; it gave ``documents`` so far."""
+        if self.bar is None:
             return
-        self.last_draw = now
-        self.drawn = True
-        fraction = min(1.0, (self.done_bytes + offset) / self.total_bytes)
+        self.bar.n = self.done_bytes + offset
         docs, toks = self.documents + documents, self.tokens + tokens
-        rate = toks / max(now - self.started, 1e-9)
-        line = (
-            f"[data build] {fraction:6.1%} {path.name}: {docs:,} docs, {toks:,} tokens, "
-            f"{rate:,.0f} tokens/s"
-        )
-        self.stream.write(("\r" + line) if self.is_tty else (line + "\n"))
-        self.stream.flush()
+        rate = toks / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{docs:,} docs, {rate:,.0f} tokens/s", refresh=False)
+        self.bar.update(0)  # redraws when mininterval has passed
 
     def file_done(self, path: Path, documents: int, tokens: int) -> None:
-        size = path.stat().st_size
-        self.update(path, size, documents, tokens, force=True)
+        size = input_size(path)
+        self.update(size, documents, tokens)
         self.done_bytes += size
         self.documents += documents
         self.tokens += tokens
 
     def finish(self) -> None:
-        if self.drawn and self.is_tty:  # end the line that was being redrawn in place
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
+        if self.bar is not None:
+            self.bar.refresh()
+            self.bar.close()
+            self.bar = None

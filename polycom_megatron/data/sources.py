@@ -1,10 +1,13 @@
-"""Reading input files into documents: JSON Lines and plain text, bad records counted.
+"""Reading inputs into documents, bad records counted.
 
-Files ending in ``.jsonl``, ``.ndjson`` or ``.json`` are read as JSON Lines: one JSON object
-per line, the document text under ``json_key`` (default ``"text"``); blank lines are ignored.
-Any other file is plain UTF-8 text where documents are separated by one or more blank lines
+Files ending in ``.jsonl``, ``.ndjson`` or ``.json`` (also ``.gz``/``.zst`` compressed) are
+read as JSON Lines: one JSON object per line, the document text under ``json_key`` (default
+``"text"``); blank lines are ignored. ``.parquet`` files and Hugging Face ``datasets``
+directories (``save_to_disk``) give one document per row of the ``json_key`` column. Any
+other file is plain UTF-8 text where documents are separated by one or more blank lines
 (``text_split="paragraph"``), or where every non-blank line is a document
-(``text_split="line"``). ``input_format`` overrides the guess from the file name.
+(``text_split="line"``). ``input_format`` overrides the guess from the name; ``readers``
+holds the formats.
 
 Bad records never stop a build halfway: each is skipped and counted under one of
 ``BAD_RECORD_REASONS`` with the first few ``file:line`` locations. Only a file in which no
@@ -17,7 +20,6 @@ is something to train on without a network.
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,12 +27,10 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from polycom_megatron.data.errors import DataError
+from polycom_megatron.data.readers import read_raw_records
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-INPUT_FORMATS = ("auto", "jsonl", "text")
-TEXT_SPLITS = ("paragraph", "line")
 
 # Why a record was skipped -> what that means, for summaries and error messages.
 BAD_RECORD_REASONS: Dict[str, str] = {
@@ -131,7 +131,8 @@ def resolve_input_files(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Pat
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
-    not_files = [str(p) for p in paths if not p.is_file()]
+    # A directory is a Hugging Face datasets directory; readers says so if it is not one.
+    not_files = [str(p) for p in paths if not (p.is_file() or p.is_dir())]
     if not_files:
         raise FileNotFoundError(f"input path(s) are not regular files: {', '.join(not_files)}")
     return paths
@@ -143,105 +144,69 @@ def iter_records(
     input_format: str = "auto",
     text_split: str = "paragraph",
 ) -> Iterator[Union[Record, BadRecord]]:
-    """Yield every record of one file, usable (``Record``) or not (``BadRecord``), in order."""
-    path = Path(path)
-    check_choice("input_format", input_format, INPUT_FORMATS)
-    check_choice("text_split", text_split, TEXT_SPLITS)
-    is_jsonl = input_format == "jsonl" or (
-        input_format == "auto" and path.suffix.lower() in JSONL_SUFFIXES
-    )
-    if is_jsonl:
-        return _iter_jsonl(path, json_key)
-    return _iter_plain_text(path, text_split)
+    """Yield every record of one input, usable (``Record``) or not (``BadRecord``), in order."""
+    for raw in read_raw_records(Path(path), json_key, input_format, text_split):
+        text = to_text(raw.payload, json_key)
+        if isinstance(text, str):
+            yield Record(text, raw.location, raw.offset)
+        elif isinstance(text, BadReason):
+            yield BadRecord(text.reason, raw.location, raw.offset)
+        else:
+            yield text
 
 
-def _iter_jsonl(path: Path, json_key: str) -> Iterator[Union[Record, BadRecord]]:
-    # Read bytes, not text: a single undecodable line must cost one record, whereas a
-    # text-mode file object would raise and end the whole file.
-    with open(path, "rb") as stream:
-        offset = 0
-        for line_no, raw in enumerate(stream, start=1):
-            offset += len(raw)
-            location = f"{path}:{line_no}"
-            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]  # editors on Windows like to add one
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield BadRecord("invalid_utf8", location, offset)
-                continue
-            if not line.strip():
-                continue  # blank lines separate nothing in JSONL; they are not records
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError):
-                yield BadRecord("invalid_json", location, offset)
-                continue
-            if not isinstance(obj, dict):
-                yield BadRecord("not_object", location, offset)
-            elif json_key not in obj:
-                yield BadRecord("missing_field", location, offset)
-            else:
-                yield text_record(obj[json_key], location, offset)
+@dataclass
+class BadReason:
+    """Why a raw record is not a document (one of ``BAD_RECORD_REASONS``)."""
+
+    reason: str
 
 
-def _iter_plain_text(path: Path, text_split: str) -> Iterator[Union[Record, BadRecord]]:
-    with open(path, "rb") as stream:
-        offset = 0
-        block: List[str] = []  # lines of the paragraph being collected
-        block_start = 0
-        bad_line = 0  # first undecodable line of the current paragraph, 0 if none
-        for line_no, raw in enumerate(stream, start=1):
-            offset += len(raw)
-            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            try:
-                line: Optional[str] = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                line = None
-            if text_split == "line":
-                if line is None:
-                    yield BadRecord("invalid_utf8", f"{path}:{line_no}", offset)
-                elif line.strip():
-                    yield Record(line, f"{path}:{line_no}", offset)
-                continue
-            if line is not None and not line.strip():  # a blank line ends a paragraph
-                if block or bad_line:
-                    yield _paragraph_record(path, block, block_start, bad_line, offset)
-                block, bad_line = [], 0
-                continue
-            if not block and not bad_line:
-                block_start = line_no
-            if line is None:
-                bad_line = bad_line or line_no
-            else:
-                block.append(line)
-        if block or bad_line:
-            yield _paragraph_record(path, block, block_start, bad_line, offset)
+def to_text(payload: object, json_key: str) -> "Union[str, BadReason, Record, BadRecord]":
+    """The document text of a raw record (``readers.RawRecord.payload``), or why there is
+    none. A JSONL line (bytes) is decoded and parsed here; a column value is checked; a
+    plain-text record comes back as it is. Runs in the tokenizing worker processes."""
+    if isinstance(payload, (Record, BadRecord)):
+        return payload
+    if isinstance(payload, bytes):
+        try:
+            line = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return BadReason("invalid_utf8")
+        del payload  # a huge line: keep one copy, not three
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            return BadReason("invalid_json")
+        del line
+        if not isinstance(obj, dict):
+            return BadReason("not_object")
+        if json_key not in obj:
+            return BadReason("missing_field")
+        payload = obj.pop(json_key)
+        del obj
+    return _checked_text(payload)
 
 
-def _paragraph_record(
-    path: Path, block: List[str], start: int, bad_line: int, offset: int
-) -> Union[Record, BadRecord]:
-    # One bad line spoils its paragraph: keeping the rest would silently glue together
-    # text that was never adjacent.
-    if bad_line:
-        return BadRecord("invalid_utf8", f"{path}:{bad_line}", offset)
-    return Record("\n".join(block), f"{path}:{start}", offset)
-
-
-def text_record(value: object, location: str, offset: int) -> Union[Record, BadRecord]:
+def _checked_text(value: object) -> "Union[str, BadReason]":
     if not isinstance(value, str):
-        return BadRecord("non_string_field", location, offset)
+        return BadReason("non_string_field")
     try:
         # JSON may spell lone surrogates ("\ud800"), which are not encodable text and make
         # SentencePiece fail for the whole batch they are in.
         value.encode("utf-8")
     except UnicodeEncodeError:
-        return BadRecord("invalid_utf8", location, offset)
+        return BadReason("invalid_utf8")
     if not value.strip():
-        return BadRecord("empty_text", location, offset)
-    return Record(value, location, offset)
+        return BadReason("empty_text")
+    return value
+
+
+def text_record(value: object, location: str, offset: int) -> Union[Record, BadRecord]:
+    checked = _checked_text(value)
+    if isinstance(checked, BadReason):
+        return BadRecord(checked.reason, location, offset)
+    return Record(checked, location, offset)
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:

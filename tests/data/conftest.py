@@ -93,12 +93,19 @@ def dirty_jsonl(workdir):
     return path
 
 
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, where the progress bar is drawn."""
+
+    def isatty(self):
+        return True
+
+
 @pytest.fixture(scope="session")
 def dirty_build(workdir, dirty_jsonl, tokenizer):
-    progress = io.StringIO()
+    progress = Terminal()
     summary = build_indexed_dataset(
         dirty_jsonl, tokenizer.model_path, workdir / "dirty_text_document",
-        progress_stream=progress,
+        progress_stream=progress, workers=1,
     )
     return summary, progress.getvalue()
 

@@ -23,7 +23,7 @@ def test_build_counts_each_bad_record_reason(dirty_build):
         locations = summary.bad_records[reason].first_locations
         assert [int(loc.rsplit(":", 1)[1]) for loc in locations] == lines
     assert summary.bad_record_count == 9
-    assert "[data build] 100.0%" in progress
+    assert "data build: 100%" in progress and "3 docs" in progress
     text = summary.describe()
     assert "3 documents" in text and "invalid_utf8: 2" in text and "tokens/s" in text
 
