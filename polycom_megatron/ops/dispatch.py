@@ -130,11 +130,21 @@ def _compiled(kernel_set, name, eager_fallback=False):
     members = {"name": name}
     for attr, value in vars(kernel_set).items():
         if isinstance(value, staticmethod):
-            compiled = torch.compile(value.__func__, dynamic=True)
+            eager = value.__func__
+            compiled = _compile(eager)
             if eager_fallback:
-                compiled = _falling_back(compiled, value.__func__, kernel_set.__name__)
+                compiled = _falling_back(compiled, eager, kernel_set.__name__)
             members[attr] = staticmethod(compiled)
     return type("Compiled" + kernel_set.__name__, (), members)
+
+
+def _compile(fn):
+    # A partial (the CPU sets bind ``gated``) is compiled through its function: torch.compile
+    # would wrap it in a helper whose one code object, and so one recompile budget, every
+    # compiled partial shares.
+    if isinstance(fn, functools.partial):
+        return functools.partial(_compile(fn.func), *fn.args, **fn.keywords)
+    return torch.compile(fn, dynamic=True)
 
 
 def _falling_back(compiled, eager, set_name):
