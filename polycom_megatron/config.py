@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 ACTIVATIONS = ("polynorm", "polyrelu")
-# Which implementation computes the op: "auto" picks the fused Triton kernels on CUDA
-# and the plain PyTorch reference elsewhere; the other values force one.
+# Which implementation computes the op: "auto" picks the fused Triton kernels on CUDA and
+# the fused CPU kernels through torch.compile on CPU (the plain PyTorch reference where
+# Inductor finds no C++ compiler); the other values force one (see ops/dispatch.py).
 KERNELS = ("auto", "torch", "compile", "triton")
 # "layer": one set of coefficients per MoE layer, shared by its experts (the paper's
 # setting). "expert": one set per expert, living with that expert under expert parallelism.

@@ -41,6 +41,7 @@ class Case:
     params: int = 0
     unavailable: Optional[str] = None
     seconds: List[float] = field(default_factory=list)  # per step, one entry per round
+    first_step_s: Optional[float] = None  # build to the end of the first step: start-up
     resident_bytes: Optional[int] = None
     step_peak_bytes: Optional[int] = None
     step: Optional[Callable[[], None]] = field(default=None, repr=False)
@@ -146,7 +147,7 @@ def layer_cases(section: str, s: Settings) -> List[Case]:
             case = Case(
                 section=section,
                 activation=activation,
-                kernel=kernel,
+                kernel=kernel and _resolve_kernel(kernel, s),
                 shape=shape,
                 tokens_per_step=s.tokens,
                 flops_per_token=F.training_flops(F.ffn_flops(shape)).total,
@@ -199,7 +200,10 @@ def model_cases(kind: str, s: Settings, num_layers: int) -> List[Case]:
             shape=shape,
             tokens_per_step=s.tokens,
             flops_per_token=F.training_flops(F.model_flops(shape, causal=True)).total,
-            build=lambda shape=shape, kernel=kernel: _build_training_step(shape, kernel, s),
+            # Built with the choice itself, as a run given --polycom-kernel would be.
+            build=lambda shape=shape, kernel=kernel: _build_training_step(
+                shape, kernel and s.model_kernel, s
+            ),
         )
         case.unavailable = kernel and _kernel_unavailable(kernel, s)
         cases.append(case)

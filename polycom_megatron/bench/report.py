@@ -107,6 +107,7 @@ def _case_dict(case, swiglu_tps: Optional[float], peak_flops: float) -> dict:
         train_flops_per_token=case.flops_per_token,
         unavailable=case.unavailable,
         steps_per_sample=case.repeats,
+        first_step_s=case.first_step_s,
         seconds_per_step=list(case.seconds),
         tokens_per_s=None,
         relative_to_swiglu=None,
@@ -202,7 +203,8 @@ def _load_line(env: dict) -> List[str]:
 
 
 def format_table(payload: dict) -> str:
-    header = ("section", "config", "ffn", "tokens/s", "min..max", "vs SwiGLU", "MFU", "peak MiB")
+    header = ("section", "config", "ffn", "tokens/s", "min..max", "vs SwiGLU", "MFU", "peak MiB",
+              "1st step s")
     rows = []
     for c in payload["cases"]:
         shape = c["shape"]
@@ -219,6 +221,7 @@ def format_table(payload: dict) -> str:
             f"{rel:.3f}" if rel else "-",
             f"{100 * c['mfu']:.1f}%" if c["mfu"] is not None else "> peak",
             f"{mem['peak_bytes'] / 2**20:.0f}" if mem else "-",
+            f"{c['first_step_s']:.2f}" if c.get("first_step_s") is not None else "-",
         ))
     full = [r for r in rows if len(r) == len(header)] + [header]
     widths = [max(len(r[i]) for r in full) for i in range(len(header))]

@@ -63,7 +63,7 @@ from polycom_megatron.cli_types import (
 from polycom_megatron.variants import ffn_width
 
 SECTIONS = ("mlp", "moe", "model")
-KERNEL_CHOICES = ("torch", "compile", "triton")
+KERNEL_CHOICES = ("auto", "torch", "compile", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -209,10 +209,11 @@ def parse_args(argv) -> argparse.Namespace:
                    "models)")
     p.add_argument("--kernels", default=None,
                    help="PolyCom kernels for the layer sections, comma list of "
-                   "torch,compile,triton (default: all on CUDA; torch,compile on CPU)")
-    p.add_argument("--model-kernel", choices=("auto",) + KERNEL_CHOICES, default="auto",
-                   help="PolyCom kernel in the model section "
-                   "(default auto: triton on CUDA, torch on CPU)")
+                   "auto,torch,compile,triton (default: torch,compile,triton on CUDA; "
+                   "torch,compile,auto on CPU)")
+    p.add_argument("--model-kernel", choices=KERNEL_CHOICES, default="auto",
+                   help="PolyCom kernel in the model section (default auto: triton on CUDA, "
+                   "the compiled CPU kernels on CPU)")
     p.add_argument("--layers", type=layer_counts, default=None,
                    help="layers of the models: N for both or DENSE,MOE (default: the preset's, "
                    "scaled down on CUDA when the models would not fit)")
@@ -252,7 +253,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
     kernels = parse_choices(args.kernels, KERNEL_CHOICES, "kernels")
     if kernels is None:
-        kernels = KERNEL_CHOICES if cuda else ("torch", "compile")
+        kernels = ("torch", "compile", "triton") if cuda else ("torch", "compile", "auto")
         if not cuda:
             notes.append("triton kernels skipped on CPU (they run there only under "
                          "TRITON_INTERPRET=1, far too slowly to time); pass --kernels to force")
@@ -391,10 +392,14 @@ def prepare(case: Case, s: Settings, probe) -> None:
     free_memory(s.device)
     before = probe.current()
     try:
+        start = time.perf_counter()
         case.step = case.build()
         case.params = case.step.params
-        for _ in range(s.warmup):
+        for number in range(s.warmup):
             case.step()
+            if not number:  # start-up: building, first allocations, compiling
+                _sync(s.device)
+                case.first_step_s = time.perf_counter() - start
         resident = probe.current()
         probe.reset_peak()
         case.step()

@@ -13,6 +13,7 @@ layer with per-expert coefficients has one set per local expert (weight ``[E, r]
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -135,3 +136,49 @@ def gate_up(rows: torch.Tensor):
     """The gate and up halves (views) of ``[rows, 2n]``."""
     n = rows.shape[-1] // 2
     return rows[..., :n], rows[..., n:]
+
+
+def horner(coeffs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per row ``sum_k coeffs[:, k] * v^k`` (``coeffs`` ``[rows or 1, K]``, K >= 1) by
+    Horner's rule: one multiply-add per term, no power of ``v`` kept."""
+    top = coeffs.shape[1] - 1
+    out = coeffs[:, top : top + 1] * torch.ones_like(v) if top == 0 else None
+    for k in range(top - 1, -1, -1):
+        out = coeffs[:, k : k + 1] + (coeffs[:, top : top + 1] if out is None else out) * v
+    return out
+
+
+# Pieces of the fused CPU kernel sets (polynorm_cpu, polyrelu_cpu).
+
+
+def halves(x, gated):
+    """(gate or input, up half or None), both in compute precision."""
+    if not gated:
+        return upcast(x), None
+    g, u = gate_up(x)
+    return upcast(g), upcast(u)
+
+
+def power_sums(x, g, order):
+    """Per row ``[sum g x, sum g x^2, ..., sum g x^order]`` (g = None: sums of squares of
+    the powers, ``sum x^(2p)``)."""
+    out, power = [], x
+    for p in range(order):
+        out.append((power * (power if g is None else g)).sum(dim=-1))
+        power = power * x
+    return torch.stack(out, dim=-1)
+
+
+def upstream(x, dy, gated):
+    """(gate or input, the gradient reaching the activation, up half or None, dy)."""
+    g, u = halves(x, gated)
+    dyf = upcast(dy)
+    return g, (dyf if u is None else dyf * u), u, dyf
+
+
+def cpu_kernel_set(name, module_doc, gated, pieces):
+    """A kernel-set class whose static methods are ``pieces`` with ``gated`` bound."""
+    members = {"name": "cpu", "__doc__": module_doc}
+    for piece in pieces:
+        members[piece.__name__] = staticmethod(functools.partial(piece, gated=gated))
+    return type(name, (), members)

@@ -4,8 +4,9 @@ import torch
 from polycom_megatron.ops import dispatch, polynorm, polynorm_reference, polyrelu
 
 
-def test_auto_uses_pytorch_on_cpu():
-    assert dispatch.resolve("auto", torch.device("cpu")) == "torch"
+def test_auto_uses_the_compiled_cpu_kernels_on_cpu():
+    want = "cpu" if dispatch.cpu_compiler_available() else "torch"
+    assert dispatch.resolve("auto", torch.device("cpu")) == want
 
 
 def test_auto_prefers_triton_on_cuda_when_installed():
