@@ -11,8 +11,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/gpu-check/$(date -u +%Y%m%d-%H%M%S)}"
 [ $# -gt 0 ] && shift
-# python3 is the machine's Python with torch; the source tree is importable before any
-# install, so the driver itself needs nothing but torch.
-PYTHON="${PYTHON:-python3}"
+# The repository's .venv where there is one (a developer's machine, CI), else python3 (the
+# GPU machine's Python with torch); PYTHON overrides. The source tree is importable before
+# any install, so the driver itself needs nothing but torch.
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python3
+  [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
+fi
 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
   exec "$PYTHON" -m polycom_megatron.bench.gpu_check --out "$out" "$@"

@@ -47,10 +47,11 @@ MAX_FILES = 8  # what the device tool brings back from $OUT
 TAIL_LINES = 40
 COMMAND = "polycom-megatron"  # resolved when a stage starts (see _command)
 REHEARSAL_SKIP = "CPU rehearsal: uses the environment already installed"
-# Packages the checks import: name -> needed on the GPU (Liger only gives comparison rows,
-# but a GPU run without them misses what it was for, so they count there).
-PACKAGES = {"torch": True, "triton": True, "megatron.core": True, "liger_kernel": True,
-            "pytest": True, "matplotlib": False}
+# Packages the checks import: module -> (distribution, needed on the GPU). Liger only gives
+# comparison rows, but a GPU run without them misses what it was for, so they count there.
+PACKAGES = {"torch": ("torch", True), "triton": ("triton", True),
+            "megatron.core": ("megatron-core", True), "liger_kernel": ("liger-kernel", True),
+            "pytest": ("pytest", True), "matplotlib": ("matplotlib", False)}
 
 # Sizes per mode; everything else about a stage is shared. On the GPU: Liger's published
 # shape (2048 x 8192 bf16) with every implementation, the paper's widths (dense SwiGLU 5504,
@@ -296,14 +297,18 @@ def probe(path: Path, rehearsal: bool) -> int:
     """The environment stage: versions and device as the later stages will see them; fails
     when a package the check needs does not import or megatron-core is unsupported."""
     import importlib
+    import importlib.metadata
 
     info: dict = dict(python=platform.python_version(), executable=sys.executable,
                       packages={}, missing=[])
-    for name, needed in PACKAGES.items():
+    for name, (distribution, needed) in PACKAGES.items():
         try:
             module = importlib.import_module(name)
-            info["packages"][name] = dict(version=getattr(module, "__version__", None),
-                                          file=getattr(module, "__file__", None))
+            try:
+                version = importlib.metadata.version(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                version = getattr(module, "__version__", None)
+            info["packages"][name] = dict(version=version, file=getattr(module, "__file__", None))
         except Exception as exc:  # a broken install is as missing as an absent one
             info["packages"][name] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
             if needed and not (rehearsal and name == "liger_kernel"):
@@ -385,9 +390,8 @@ def main(argv=None) -> int:
             continue
         left = args.budget - (time.monotonic() - clock)
         kept_back = sum(s.min_s for s in plan[i + 1:] if not s.skip)
-        limit = min(stage.limit_s, left - kept_back)
-        if limit < stage.min_s:
-            limit = min(stage.limit_s, left)  # the later stages' shares go first
+        # Its own share at least, else what the later stages' shares leave over.
+        limit = min(stage.limit_s, max(stage.min_s, left - kept_back), left)
         if limit < 5:
             results.append(Result(stage.name, "not_run", " ".join(stage.argv),
                                   reason=f"budget spent ({left:.0f} s left of {args.budget})"))
