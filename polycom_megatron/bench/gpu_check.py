@@ -10,8 +10,8 @@ cut to what the budget has left (the later stages' minimum shares kept back), so
 or a failure costs that stage and not the run: every stage runs, and ``gpu_check.json``
 records each one's status, exit code, time, command and output tail, with the device,
 the versions and the commit. Everything lands in one flat folder (the device tool returns
-at most 8 files): gpu_check.json, gpu_check.log, pytest.xml, bench_kernels_liger.json,
-bench_kernels_paper.json, throughput.json and throughput.png.
+at most 8 files): gpu_check.json, gpu_check.log, pytest_gpu.xml, pytest_ops.xml,
+bench_kernels_liger.json, bench_kernels_paper.json, throughput.json and throughput.png.
 
 ``--cpu-rehearsal`` runs the very same stages on CPU at stand-in sizes (Triton under its
 interpreter, ``--device cpu``, ``bench --smoke``) in the environment that is already
@@ -60,7 +60,8 @@ PACKAGES = {"torch": ("torch", True), "triton": ("triton", True),
 KERNEL_IMPLS_NO_COMPILE = "naive,torch,triton,liger,swiglu,swiglu-megatron,swiglu-liger"
 PLANS = {
     "gpu": dict(
-        tests=["tests/gpu", "tests/ops"],
+        tests=["tests/gpu"],
+        ops_tests=["tests/ops"],
         liger=["--rows", "2048", "--cols", "8192", "--dtype", "bf16"],
         paper=["--rows", "8192", "--cols", "1024,1536,5504,8256", "--dtype", "bf16",
                "--impls", KERNEL_IMPLS_NO_COMPILE],
@@ -69,6 +70,7 @@ PLANS = {
     ),
     "cpu": dict(
         tests=["tests/gpu"],
+        ops_tests=["tests/ops/test_dispatch.py"],  # all of tests/ops runs in the CI suite
         liger=["--device", "cpu", "--rows", "8", "--cols", "64", "--dtype", "bf16",
                "--reps", "1", "--warmup", "0", "--impls", KERNEL_IMPLS_NO_COMPILE],
         paper=["--device", "cpu", "--rows", "4", "--cols", "40", "--dtype", "bf16",
@@ -132,10 +134,13 @@ def stages(args, mode: str) -> List[Stage]:
     plan, out, py = PLANS[mode], args.out, sys.executable
     rehearsal = mode == "cpu"
     wheels = sorted(str(w) for w in args.wheels.glob("*.whl")) if args.wheels.is_dir() else []
-    tests = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--timeout=150",
-             f"--junitxml={out / 'pytest.xml'}", *plan["tests"]]
-    if not rehearsal and _importable("xdist"):  # Triton compiles on the host's cores
-        tests += ["-n", "8"]
+    def pytest(junit, paths):
+        argv = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--timeout=150",
+                f"--junitxml={out / junit}", *paths]
+        if not rehearsal and _importable("xdist"):  # Triton compiles on the host's cores
+            argv += ["-n", "8"]
+        return argv
+
     kernels = [COMMAND, "bench-kernels", "--overwrite"]
     return [
         Stage("install-wheels", [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
@@ -150,8 +155,12 @@ def stages(args, mode: str) -> List[Stage]:
         Stage("environment", [py, "-m", "polycom_megatron.bench.gpu_check", "--out", str(out),
                               "--probe", str(out / "environment.json")]
               + (["--cpu-rehearsal"] if rehearsal else []), 60, 10),
-        Stage("cuda-tests", tests, 240, 60, outputs=["pytest.xml"],
-              env={STAND_IN_VARIABLE: "1"} if rehearsal else {}),
+        # Two test stages, so that a slow tests/ops cannot take tests/gpu's report with it
+        # (pytest writes its XML at the end).
+        Stage("cuda-tests", pytest("pytest_gpu.xml", plan["tests"]), 150, 45,
+              outputs=["pytest_gpu.xml"], env={STAND_IN_VARIABLE: "1"} if rehearsal else {}),
+        Stage("ops-tests", pytest("pytest_ops.xml", plan["ops_tests"]), 180, 45,
+              outputs=["pytest_ops.xml"]),
         Stage("bench-kernels-liger", kernels + plan["liger"]
               + ["--json", str(out / "bench_kernels_liger.json")], 150, 45,
               outputs=["bench_kernels_liger.json"]),
@@ -400,8 +409,9 @@ def main(argv=None) -> int:
         result = _run(stage, limit, env, log)
         result.outputs = [name for name in stage.outputs if (out / name).is_file()]
         result.missing_outputs = [name for name in stage.outputs if name not in result.outputs]
-        if "pytest.xml" in result.outputs:
-            result.tests = _test_counts(out / "pytest.xml")
+        junit = [name for name in result.outputs if name.endswith(".xml")]
+        if junit:
+            result.tests = _test_counts(out / junit[0])
         if result.status == "passed" and result.missing_outputs:
             result.status = "failed"
             result.reason = "did not write " + ", ".join(result.missing_outputs)

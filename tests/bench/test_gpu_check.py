@@ -18,7 +18,7 @@ import torch
 from polycom_megatron.bench import gpu_check as G
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["install-wheels", "install-package", "environment", "cuda-tests",
+STAGES = ["install-wheels", "install-package", "environment", "cuda-tests", "ops-tests",
           "bench-kernels-liger", "bench-kernels-paper", "bench"]
 
 
@@ -66,15 +66,18 @@ def test_summary_names_device_versions_commit_and_files(rehearsal):
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(summary["files"]) and len(files) <= G.MAX_FILES
     assert all((out / f).is_file() for f in files)
-    assert {"gpu_check.json", "gpu_check.log", "pytest.xml", "bench_kernels_liger.json",
+    assert {"gpu_check.json", "gpu_check.log", "pytest_gpu.xml", "pytest_ops.xml",
+            "bench_kernels_liger.json",
             "bench_kernels_paper.json", "throughput.json"} <= set(files)
 
 
 def test_stage_outputs_hold_real_results(rehearsal):
     out, summary, _ = rehearsal
-    tests = next(s for s in summary["stages"] if s["name"] == "cuda-tests")["tests"]
-    assert tests["tests"] > 20 and tests["failures"] == tests["errors"] == 0
-    assert tests["failed"] == []
+    stages = {s["name"]: s for s in summary["stages"]}
+    for name, least in (("cuda-tests", 20), ("ops-tests", 1)):
+        tests = stages[name]["tests"]
+        assert tests["tests"] >= least and tests["failures"] == tests["errors"] == 0, tests
+        assert tests["failed"] == [] and tests["skipped"] < tests["tests"]
     for name in ("bench_kernels_liger.json", "bench_kernels_paper.json"):
         payload = json.loads((out / name).read_text())
         impls = {r["impl"] for r in payload["results"]}
