@@ -39,9 +39,11 @@ def test_every_stage_ran_and_passed(rehearsal):
     out, summary, stdout = rehearsal
     assert [s["name"] for s in summary["stages"]] == STAGES
     status = {s["name"]: s for s in summary["stages"]}
-    for name in STAGES[:2]:  # the installs are the GPU machine's; said so, not hidden
+    # The installs are the GPU machine's and tests/ops runs in the CI suite: said, not hidden.
+    skipped = ("install-wheels", "install-package", "ops-tests")
+    for name in skipped:
         assert status[name]["status"] == "skipped" and "rehearsal" in status[name]["reason"]
-    for name in STAGES[2:]:
+    for name in (n for n in STAGES if n not in skipped):
         stage = status[name]
         assert stage["status"] == "passed", stage
         assert stage["returncode"] == 0 and 0 < stage["seconds"] <= stage["limit_s"]
@@ -66,18 +68,15 @@ def test_summary_names_device_versions_commit_and_files(rehearsal):
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(summary["files"]) and len(files) <= G.MAX_FILES
     assert all((out / f).is_file() for f in files)
-    assert {"gpu_check.json", "gpu_check.log", "pytest_gpu.xml", "pytest_ops.xml",
-            "bench_kernels_liger.json",
+    assert {"gpu_check.json", "gpu_check.log", "pytest_gpu.xml", "bench_kernels_liger.json",
             "bench_kernels_paper.json", "throughput.json"} <= set(files)
 
 
 def test_stage_outputs_hold_real_results(rehearsal):
     out, summary, _ = rehearsal
-    stages = {s["name"]: s for s in summary["stages"]}
-    for name, least in (("cuda-tests", 20), ("ops-tests", 1)):
-        tests = stages[name]["tests"]
-        assert tests["tests"] >= least and tests["failures"] == tests["errors"] == 0, tests
-        assert tests["failed"] == [] and tests["skipped"] < tests["tests"]
+    tests = next(s for s in summary["stages"] if s["name"] == "cuda-tests")["tests"]
+    assert tests["tests"] > 20 and tests["failures"] == tests["errors"] == 0, tests
+    assert tests["failed"] == [] and tests["skipped"] < tests["tests"]
     for name in ("bench_kernels_liger.json", "bench_kernels_paper.json"):
         payload = json.loads((out / name).read_text())
         impls = {r["impl"] for r in payload["results"]}
