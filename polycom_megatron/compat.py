@@ -92,6 +92,20 @@ def build_submodule(spec_or_builder, **kwargs):
     return spec_or_builder(**kwargs)
 
 
+def build_layer_ffn(spec_or_builder, config):
+    """A decoder layer's FFN (MLP or MoE layer) on its own, built as TransformerLayer builds
+    it: a ModuleSpec (up to 0.17) with ``config``; a builder (0.18+) also with the default
+    process groups and ``is_mtp_layer``, which MLP.as_mlp_submodule and MoELayer need."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(spec_or_builder, ModuleSpec):
+        return build_submodule(spec_or_builder, config=config)
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    return spec_or_builder(config=config, pg_collection=get_default_pg_collection(),
+                           is_mtp_layer=False)
+
+
 # --- MoE specs ---------------------------------------------------------------------------
 # Up to 0.16 the MoE layer, its experts and its shared experts are ModuleSpecs. From 0.17
 # the experts and shared experts are builders, ``functools.partial(cls, submodules=...)``,

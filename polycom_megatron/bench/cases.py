@@ -159,12 +159,12 @@ def layer_cases(section: str, s: Settings) -> List[Case]:
 
 
 def _build_layer(shape: F.ModelShape, kernel: Optional[str], s: Settings):
-    from megatron.core.transformer.spec_utils import build_module
+    from polycom_megatron import compat
 
     config = transformer_config(shape, s)
     spec = _ffn_spec(config, polycom_config(shape.activation, kernel or "auto"), s)
     torch.manual_seed(SEED)
-    module = build_module(spec, config=config).to(s.device)
+    module = compat.build_layer_ffn(spec, config).to(s.device)
     if hasattr(module, "set_layer_number"):  # MoE: the aux-loss tracker files by layer
         module.set_layer_number(1)
     module.train()
