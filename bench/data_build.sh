@@ -28,7 +28,7 @@ theirs=(env "PYTHONPATH=$tree:${MLM_PYTHONPATH:-/work/mlm-deps}" "$python"
   --log-interval 100000000)
 timed() {  # timed LABEL COMMAND...: wall seconds, and CPU seconds of all its processes
   /usr/bin/time -f "$(printf '%-28s' "$1") %e s wall, %U s user + %S s sys" "${@:2}" \
-    > /dev/null 2> >(grep -v '^\(Opening\|Time to startup\)' >&2)
+    > /dev/null 2> >(grep -v 'Warning\|warnings.warn(' >&2)
 }
 
 $(ours 2 "$out/warm") > /dev/null  # warm-up: page cache, imports
