@@ -16,33 +16,34 @@ corpus=$1 tok=$2 tree=$3 huge=${4:-}
 exe=$(command -v polycom-megatron)
 python=${PYTHON:-$(dirname "$exe")/python}
 out=${OUT:-$(mktemp -d)}
-mlm_env=(env "PYTHONPATH=$tree:${MLM_PYTHONPATH:-/work/mlm-deps}")
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg); cores: $(nproc); output in $out"
 
-ours() {  # ours WORKERS PREFIX
-  "$exe" data build "$corpus" --tokenizer "$tok" --output-prefix "$2" --workers "$1" \
-    --quiet --overwrite > /dev/null
+ours() {  # ours WORKERS PREFIX: the command line
+  echo "$exe" data build "$corpus" --tokenizer "$tok" --output-prefix "$2" --workers "$1" \
+    --quiet --overwrite
 }
-theirs() {  # theirs PREFIX
-  "${mlm_env[@]}" "$python" "$tree/tools/preprocess_data.py" --input "$corpus" \
-    --output-prefix "$1" --tokenizer-type SentencePieceTokenizer --tokenizer-model "$tok" \
-    --append-eod --workers 2 --log-interval 100000000 > /dev/null 2>&1
-}
-timed() {  # timed LABEL COMMAND...: wall seconds
-  local start end
-  start=$(date +%s.%N); "${@:2}"; end=$(date +%s.%N)
-  printf '%-28s %6.1f s\n' "$1" "$(echo "$end - $start" | bc)"
+theirs=(env "PYTHONPATH=$tree:${MLM_PYTHONPATH:-/work/mlm-deps}" "$python"
+  "$tree/tools/preprocess_data.py" --input "$corpus" --output-prefix "$out/mlm"
+  --tokenizer-type SentencePieceTokenizer --tokenizer-model "$tok" --append-eod --workers 2
+  --log-interval 100000000)
+timed() {  # timed LABEL COMMAND...: wall seconds, and CPU seconds of all its processes
+  /usr/bin/time -f "$(printf '%-28s' "$1") %e s wall, %U s user + %S s sys" "${@:2}" \
+    > /dev/null 2> >(grep -v 'Warning\|warnings.warn(' >&2)
 }
 
-ours 2 "$out/warm"  # warm-up: page cache, imports
-timed "data build --workers 1" ours 1 "$out/w1"
-timed "data build --workers 2" ours 2 "$out/w2"
-timed "preprocess_data --workers 2" theirs "$out/mlm"
+$(ours 2 "$out/warm") > /dev/null  # warm-up: page cache, imports
+timed "data build --workers 1" $(ours 1 "$out/w1")
+timed "data build --workers 2" $(ours 2 "$out/w2")
+timed "preprocess_data --workers 2" "${theirs[@]}"
 for suffix in bin idx; do
   cmp "$out/w1.$suffix" "$out/w2.$suffix" && echo "cmp w1 w2 .$suffix: identical"
   cmp "$out/w1.$suffix" "$out/mlm_text_document.$suffix" && echo "cmp w1 megatron .$suffix: identical"
 done
 if [ -n "$huge" ]; then
+  echo '{"text": "tiny"}' > "$out/tiny.jsonl"  # the floor: Python, megatron.core, the model
+  /usr/bin/time -f "tiny record, --workers 1: peak RSS %M KiB" "$exe" data build \
+    "$out/tiny.jsonl" --tokenizer "$tok" --output-prefix "$out/tiny" --workers 1 --quiet \
+    --overwrite > /dev/null
   for workers in 1 2; do
     /usr/bin/time -f "huge record ($(du -h "$huge" | cut -f1)), --workers $workers: %e s, peak RSS %M KiB (largest process)" \
       "$exe" data build "$huge" --tokenizer "$tok" --output-prefix "$out/huge$workers" \
