@@ -126,6 +126,16 @@ def check_polynorm_pieces(K, T, x, dy, coeffs, sets, order, eps=1e-6):
     close(dx_f, T.backward_dx(x, dy, inv_rms, dots, coeffs, sets, n), tol, "backward_fused dx")
 
 
+def check_polyrelu_pieces(K, T, x, dy, coeffs, sets):
+    """Both methods of the PolyReLU kernel set K (plain or gated) against T."""
+    tol = OUT_TOL[x.dtype]
+    close(K.forward(x, coeffs, sets), T.forward(x, coeffs, sets), tol, "forward")
+    dx, row_grads = K.backward(x, dy, coeffs, sets)
+    dx_ref, row_grads_ref = T.backward(x, dy, coeffs, sets)
+    close(dx, dx_ref, tol, "dx")
+    close(row_grads, row_grads_ref, 1e-5, "row grads")
+
+
 def check_grouped(op, reference, tokens_per_expert, dtype, device, gated=False, order=3, n=40):
     """``op`` with per-expert coefficients through the Triton kernels equals the loop of
     ``reference`` over the experts, and ``op`` through the PyTorch kernels."""

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from kernel_checks import OUT_TOL, check_polynorm_pieces, close, make_inputs
+from kernel_checks import check_polynorm_pieces, check_polyrelu_pieces, make_inputs
 
 from polycom_megatron.ops import dispatch
 from polycom_megatron.ops.polynorm import TorchPolyNormKernels
@@ -46,15 +46,6 @@ def _inputs(gated, order, dtype, experts, rows=7, n=37):
     return x, dy, coeffs, sets
 
 
-def _check_relu_pieces(K, T, x, dy, coeffs, sets):
-    tol = OUT_TOL[x.dtype]
-    close(K.forward(x, coeffs, sets), T.forward(x, coeffs, sets), tol, "forward")
-    dx, row_grads = K.backward(x, dy, coeffs, sets)
-    dx_ref, row_grads_ref = T.backward(x, dy, coeffs, sets)
-    close(dx, dx_ref, tol, "dx")
-    close(row_grads, row_grads_ref, 1e-5, "row grads")
-
-
 @EXPERTS
 @DTYPES
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
@@ -72,7 +63,7 @@ def test_polynorm_pieces_match_torch(op, order, dtype, experts):
 @pytest.mark.parametrize("op", sorted(RELU_SETS))
 def test_polyrelu_pieces_match_torch(op, order, dtype, experts):
     K, T, gated = RELU_SETS[op]
-    _check_relu_pieces(K, T, *_inputs(gated, order, dtype, experts))
+    check_polyrelu_pieces(K, T, *_inputs(gated, order, dtype, experts))
 
 
 @needs_compiler
@@ -87,7 +78,7 @@ def test_compiled_pieces_match_torch(op, dtype):
     if op in NORM_SETS:
         check_polynorm_pieces(K, T, x, dy, coeffs, sets, 3)
     else:
-        _check_relu_pieces(K, T, x, dy, coeffs, sets)
+        check_polyrelu_pieces(K, T, x, dy, coeffs, sets)
 
 
 def test_auto_on_cpu_is_the_compiled_cpu_set_when_a_compiler_is_found(monkeypatch):

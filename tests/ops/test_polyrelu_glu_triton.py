@@ -10,9 +10,9 @@ import torch
 pytest.importorskip("triton")
 
 from kernel_checks import (  # noqa: E402
-    OUT_TOL,
     check_against,
     check_grouped,
+    check_polyrelu_pieces,
     close,
     make_inputs,
     use_path,
@@ -43,12 +43,7 @@ if DEVICE.type == "cpu" and not pt.interpreted():
 def check_pieces(rows, n, order, dtype, experts=None, seed=0):
     x, _, coeffs, sets = make_inputs(rows, 2 * n, order, dtype, DEVICE, experts, seed)
     dy = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
-    tol = OUT_TOL[dtype]
-    close(K.forward(x, coeffs, sets), T.forward(x, coeffs, sets), tol, "forward")
-    dx, row_grads = K.backward(x, dy, coeffs, sets)
-    dx_ref, row_grads_ref = T.backward(x, dy, coeffs, sets)
-    close(dx, dx_ref, tol, "dx")
-    close(row_grads, row_grads_ref, 1e-5, "row grads")
+    check_polyrelu_pieces(K, T, x, dy, coeffs, sets)
 
 
 @DTYPES
