@@ -2,10 +2,8 @@
 (PolyNorm-GLU, ``CpuPolyNormGLUKernels``): what ``--polycom-kernel auto`` runs on CPU,
 through ``torch.compile`` (see ``dispatch``).
 
-Same interface and semantics as ``TorchPolyNormKernels`` (see polynorm.py), plus the
-``forward_fused`` / ``backward_fused`` pair the Function uses when no tensor-parallel
-reduction sits in between. Written for Inductor to turn each fused piece into one row
-reduction and one elementwise loop (a read of x, or of x and dy, then the write), where
+Same interface and semantics as ``TorchPolyNormKernels`` (see polynorm.py). Written for
+Inductor to turn each fused piece into one row reduction and one elementwise loop (a read of x, or of x and dy, then the write), where
 the plain set walks the tensor once per operation, some 45 times a step for r = 3:
 
 * forward: the r sums of squares and, given s_p, Horner's rule in x with the per-row
@@ -58,12 +56,6 @@ def forward(x, inv_rms, coeffs, sets, gated=False):
     return (y if u is None else y * u).to(x.dtype)
 
 
-def forward_fused(x, coeffs, sets, eps, gated=False):
-    g = halves(x, gated)[0]
-    inv_rms = torch.rsqrt(power_sums(g, None, coeffs.shape[1] - 1) / g.shape[1] + eps)
-    return forward(x, inv_rms, coeffs, sets, gated), inv_rms
-
-
 def backward_dots(x, dy, order, gated=False):
     g, h, _, _ = upstream(x, dy, gated)
     return torch.cat([h.sum(dim=-1, keepdim=True), power_sums(g, h, order)], dim=-1)
@@ -78,12 +70,9 @@ def backward_dx(x, dy, inv_rms, dots, coeffs, sets, n_total, gated=False):
     return torch.cat([dg, dyf * _out(g, c, inv_rms)], dim=-1).to(x.dtype)
 
 
-def backward_fused(x, dy, inv_rms, coeffs, sets, n_total, gated=False):
-    dots = backward_dots(x, dy, inv_rms.shape[1], gated)
-    return backward_dx(x, dy, inv_rms, dots, coeffs, sets, n_total, gated), dots
-
-
-_PIECES = (moments, forward, forward_fused, backward_dots, backward_dx, backward_fused)
+# No forward_fused / backward_fused: one device and tensor parallelism then run the same
+# compiled pieces, so a TP layout rounds exactly as TP=1 does (only the all-reduce differs).
+_PIECES = (moments, forward, backward_dots, backward_dx)
 _DOC = "PolyNorm's fused pieces; see polycom_megatron.ops.polynorm_cpu."
 CpuPolyNormKernels = cpu_kernel_set("CpuPolyNormKernels", _DOC, False, _PIECES)
 CpuPolyNormGLUKernels = cpu_kernel_set("CpuPolyNormGLUKernels", _DOC, True, _PIECES)

@@ -463,8 +463,10 @@ def _assert_same_run(got, want, label, tight=False):
     tol = dict(rtol=1e-6, atol=1e-7) if tight else dict(rtol=1e-4, atol=1e-5)
     h.assert_same(got["grads"], want["grads"], label=f"{label} grads", **tol)
     # Adam divides by sqrt(v): fp32 round-off in a tiny gradient becomes a visible part of
-    # a step, so parameters are compared to 1% of one step (lr 1e-2), as in the dense test.
-    h.assert_same(got["params"], want["params"], rtol=0, atol=1e-4, label=f"{label} params")
+    # a step, so parameters are compared to 2% of one step (lr 1e-2). The gradients above
+    # are the exactness check; the compiled CPU kernels ("auto") reduce a TP shard's row in
+    # another order than the full row, which moves a near-zero-gradient weight by ~1% of a step.
+    h.assert_same(got["params"], want["params"], rtol=0, atol=2e-4, label=f"{label} params")
 
 
 @pytest.mark.parametrize("mode", MODES)
