@@ -179,13 +179,27 @@ def new_manifest(**fields) -> Manifest:
     return Manifest(created_by=f"polycom-megatron {__version__}", created=now.isoformat(), **fields)
 
 
-def describe_input(path: Path, name: Optional[str] = None) -> Dict[str, Any]:
-    """An input file as the manifest records it: ``name`` (default: its absolute path),
-    size, sha256."""
+def input_sha256(path: Path) -> Optional[str]:
+    """SHA-256 of an input file; of a directory (a datasets ``save_to_disk`` folder), one
+    over every file's relative name and SHA-256, so a change to any file shows; None for a
+    pipe or a device."""
     path = Path(path)
-    regular = path.is_file()
-    return dict(
-        path=name or os.path.abspath(path),
-        bytes=path.stat().st_size if regular else None,
-        sha256=sha256_file(path) if regular else None,
-    )
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    listing = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        listing.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    return listing.hexdigest()
+
+
+def describe_input(path: Path, name: Optional[str] = None) -> Dict[str, Any]:
+    """An input as the manifest records it: ``name`` (default: its absolute path), size
+    (all files, for a directory) and sha256 (``input_sha256``)."""
+    path = Path(path)
+    if path.is_dir():
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    else:
+        size = path.stat().st_size if path.is_file() else None
+    return dict(path=name or os.path.abspath(path), bytes=size, sha256=input_sha256(path))

@@ -28,7 +28,7 @@ from polycom_megatron.data.build import (
 from polycom_megatron.data.check import DatasetInfo, verify_dataset
 from polycom_megatron.data.errors import CorruptDatasetError, DataError, SettingsMismatchError
 from polycom_megatron.data.files import Staging, check_writable_dir, refuse_existing
-from polycom_megatron.data.manifest import Manifest, digest_file, manifest_path, sha256_file
+from polycom_megatron.data.manifest import Manifest, digest_file, input_sha256, manifest_path
 from polycom_megatron.data.sources import PathLike, pydoc_corpus_bytes, resolve_input_files
 from polycom_megatron.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
@@ -202,8 +202,7 @@ def _check_inputs_unchanged(manifest: Manifest, output_dir: Path) -> None:
         path = Path(recorded["path"])
         if recorded.get("sha256") is None:
             continue  # a pipe: nothing to compare
-        if not path.is_file() or sha256_file(path) != recorded["sha256"]:
-            state = "is gone" if not path.is_file() else "has changed"
+XX
             raise SettingsMismatchError(
                 f"--inputs {path} {state} since {output_dir} was prepared from it; nothing was "
                 "changed. Pass --overwrite to prepare the directory again from the inputs as "

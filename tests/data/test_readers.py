@@ -125,3 +125,18 @@ def test_missing_extra_is_named(inputs, tokenizer, tmp_path):
     )
     assert result.returncode == 1
     assert "pip install 'polycom-megatron[parquet]'" in one_error_line(result)
+
+
+def test_a_datasets_directory_is_checksummed_so_a_change_shows(tmp_path):
+    import datasets
+
+    from polycom_megatron.data.manifest import describe_input
+
+    folder = tmp_path / "docs_hf"
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(folder))
+    first = describe_input(folder)
+    assert first["sha256"] is not None and first["bytes"] > 0
+    assert describe_input(folder) == first
+    shutil.rmtree(folder)
+    datasets.Dataset.from_dict({"text": TEXTS[:-1] + ["another last document"]}).save_to_disk(str(folder))
+    assert describe_input(folder)["sha256"] != first["sha256"]
