@@ -202,7 +202,8 @@ def _check_inputs_unchanged(manifest: Manifest, output_dir: Path) -> None:
         path = Path(recorded["path"])
         if recorded.get("sha256") is None:
             continue  # a pipe: nothing to compare
-XX
+        if not path.exists() or input_sha256(path) != recorded["sha256"]:
+            state = "is gone" if not path.exists() else "has changed"
             raise SettingsMismatchError(
                 f"--inputs {path} {state} since {output_dir} was prepared from it; nothing was "
                 "changed. Pass --overwrite to prepare the directory again from the inputs as "
