@@ -128,7 +128,8 @@ def _add_reading_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_workers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=positive_int, default=None,
-                        help="tokenizing processes (default: one per core; 1: no pool); "
+                        help="tokenizing processes (default: one per core, or 1 for inputs under 16 MiB, "
+                        "where starting a pool costs more than it saves; 1: no pool); "
                         "the dataset is the same whatever the number")
 
 

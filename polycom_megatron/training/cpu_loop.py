@@ -272,6 +272,12 @@ def _rank_main(rank: int, job: CpuJob, start_iteration: Optional[int], port: int
     # Ranks share the machine's cores; more threads per rank only oversubscribe them.
     threads = max(1, (os.cpu_count() or 1) // job.world_size)
     torch.set_num_threads(threads)
+    # Inductor compiles the CPU kernels in this process: its worker pool holds semaphores
+    # that a killed or interrupted rank leaks, and the resource tracker would then print
+    # warnings after our one-line error.
+    from torch._inductor import config as inductor_config
+
+    inductor_config.compile_threads = 1
     _quiet_expected_warnings(rank)
     import logging
 

@@ -2,12 +2,14 @@
 dataset, in input order, with the same bad-record report; a huge record costs bounded memory."""
 
 import json
+import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from polycom_megatron.data import build_indexed_dataset
 from polycom_megatron.data.sources import pydoc_corpus_bytes
@@ -100,3 +102,15 @@ def test_huge_record_costs_bounded_memory(tokenizer, tmp_path):
     assert result.returncode == 0, result.stderr
     growth = json.loads(result.stdout.splitlines()[-1])["growth_kib"]
     assert growth < 15 * size_kib, f"peak RSS grew {growth / size_kib:.1f}x the record's size"
+
+
+def test_the_default_worker_count_follows_cores_and_input_size():
+    from polycom_megatron.data.build import SMALL_INPUT_BYTES, resolve_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_workers(None, SMALL_INPUT_BYTES - 1) == 1  # a pool would cost more
+    assert resolve_workers(None, SMALL_INPUT_BYTES) == cores
+    assert resolve_workers(None, None) == cores  # a pipe: size unknown
+    assert resolve_workers(2, 10) == 2  # asked for explicitly
+    with pytest.raises(ValueError, match="at least 1"):
+        resolve_workers(0)
