@@ -126,15 +126,19 @@ def execute(run: PlannedRun, index: int, total: int) -> None:
     run.directory.mkdir(parents=True)
     (run.directory / COMMAND_FILE).write_text(json.dumps(run.argv) + "\n")
     log = run.directory / LOG_FILE
-    print(f"{prefix}: training ({log})", flush=True)
     start = time.monotonic()
     with open(log, "w") as out:
-        process = subprocess.Popen([*_command(), "train-cpu", *run.argv], stdout=out,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = None
+        # The start is inside the try and announced after it: a Ctrl-C at any point once
+        # the run exists stops it, and none can orphan a run that was just started.
         try:
+            process = subprocess.Popen([*_command(), "train-cpu", *run.argv], stdout=out,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            print(f"{prefix}: training ({log})", flush=True)
             status = process.wait()
         except BaseException:
-            _stop(process)
+            if process is not None:
+                _stop(process)
             raise
     if status != 0:
         raise RunFailed(f"run {run.name} failed (train-cpu exit status {status}): "
